@@ -1,0 +1,11 @@
+"""gpucnn: convolutional neural networks on NVIDIA GPUs, every kernel our own and readable.
+
+    import gpucnn as gc
+    gc.device()              # "cuda" where CuPy finds a GPU, else "cpu" ($GPUCNN_DEVICE overrides)
+    x = gc.asarray(images)   # onto the current device
+"""
+__version__ = "0.1.0"
+
+from .backend import DeviceError, asarray, device, seed, to_numpy, use_device  # noqa: F401
+from . import layers  # noqa: F401
+from . import testing  # noqa: F401

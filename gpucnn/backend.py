@@ -1,0 +1,289 @@
+"""Which device runs an op, and the two ways a GPU kernel is launched.
+
+gpucnn has three devices with one behaviour:
+
+* ``"cpu"``  - NumPy arrays, vectorised NumPy code (the reference).
+* ``"cuda"`` - CuPy arrays, Numba ``@cuda.jit`` kernels on CuPy's stream, CuPy ElementwiseKernels, cuBLAS.
+* ``"sim"``  - NumPy arrays run through the *GPU* code: Numba's CUDA simulator for the Numba kernels and
+  each ElementwiseKernel's own C source compiled for the host (see :mod:`gpucnn.elementwise`).
+
+The one decision every op makes is :func:`on_gpu`: a CuPy array takes the GPU path; a NumPy array takes
+it only while "sim" is selected. Nothing here imports CuPy or ``numba.cuda`` until a GPU device is used,
+so ``import gpucnn`` works on a laptop with no CUDA at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import warnings
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda", "sim")
+
+_device = None          # resolved lazily: "cpu" | "cuda" | "sim"
+_numba_cuda = None      # the numba.cuda module once a GPU device is in use
+_cupy = None
+_rng = np.random.default_rng(0)
+
+
+class DeviceError(RuntimeError):
+    """A device was asked for that cannot be used here; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing the device
+
+
+def _cuda_problem():
+    """Why "cuda" cannot be used here (a sentence), or None when CuPy sees a usable GPU."""
+    if importlib.util.find_spec("cupy") is None:
+        return ("CuPy is not installed. Install gpucnn with the extra matching your driver's CUDA "
+                "version (`nvidia-smi` shows it): pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]'")
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, wrong CUDA major version, ...
+        return f"CuPy is installed but cannot reach a CUDA device ({type(e).__name__}: {e})"
+    if n < 1:
+        return "CuPy found no CUDA device"
+    return None
+
+
+def _import_numba_cuda(simulate: bool):
+    """Import numba.cuda once, as the simulator or the real thing; the choice is per process."""
+    global _numba_cuda
+    import numba
+    already = "numba.cuda" in sys.modules
+    if already:
+        simulated = bool(numba.config.ENABLE_CUDASIM)
+        if simulated != simulate:
+            have, want = ("sim", "cuda") if simulated else ("cuda", "sim")
+            raise DeviceError(
+                f"numba.cuda was already imported as {'the simulator' if simulated else 'the real CUDA target'} "
+                f"in this process, so gpucnn cannot use {want!r}: Numba picks simulator or GPU once per "
+                f"process. Run {want!r} in a separate process (e.g. GPUCNN_DEVICE={want} python ...).")
+    elif simulate:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+        numba.config.ENABLE_CUDASIM = 1
+    from numba import cuda
+    _numba_cuda = cuda
+    return cuda
+
+
+def use_device(name: str) -> str:
+    """Select the device ("cpu", "cuda" or "sim") for arrays made from now on; returns it."""
+    global _device, _cupy
+    if name not in DEVICES:
+        raise ValueError(f"use_device: expected one of {DEVICES}, got {name!r}")
+    if {_device, name} == {"sim", "cuda"}:
+        raise DeviceError(f"use_device({name!r}): this process already uses {_device!r}; "
+                          "'sim' and 'cuda' cannot share a process (Numba picks one at import)")
+    if name == "cuda":
+        why = _cuda_problem()
+        if why:
+            raise DeviceError(f"use_device('cuda'): {why}")
+        if numba_cuda_sim_active():
+            raise DeviceError("use_device('cuda'): this process already runs Numba's CUDA simulator ('sim'); "
+                              "use 'cuda' in a separate process")
+        import cupy
+        _cupy = cupy
+    elif name == "sim":
+        _import_numba_cuda(simulate=True)
+    _device = name
+    return name
+
+
+def numba_cuda_sim_active() -> bool:
+    return "numba.cuda" in sys.modules and bool(sys.modules["numba"].config.ENABLE_CUDASIM)
+
+
+def device() -> str:
+    """The device in use. First call: $GPUCNN_DEVICE, else "cuda" where CuPy finds a GPU, else "cpu"."""
+    if _device is None:
+        want = os.environ.get("GPUCNN_DEVICE", "").strip().lower()
+        if want:
+            use_device(want)
+        elif _cuda_problem() is None:
+            try:
+                use_device("cuda")
+            except DeviceError as e:
+                warnings.warn(f"gpucnn: falling back to the CPU: {e}", stacklevel=2)
+                use_device("cpu")
+        else:
+            if importlib.util.find_spec("cupy") is not None:
+                warnings.warn(f"gpucnn: falling back to the CPU: {_cuda_problem()}", stacklevel=2)
+            use_device("cpu")
+    return _device
+
+
+# ----------------------------------------------------------------------------------------------
+# arrays
+
+
+def is_cupy(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def on_gpu(a) -> bool:
+    """True when an op on ``a`` takes the GPU code path: a CuPy array, or a NumPy array under "sim"."""
+    if is_cupy(a):
+        return True
+    return device() == "sim" and not _cpu_forced
+
+
+_cpu_forced = False
+
+
+@contextlib.contextmanager
+def cpu_path():
+    """Within this block NumPy arrays take the CPU path even under "sim" (the reference in sim tests)."""
+    global _cpu_forced
+    old, _cpu_forced = _cpu_forced, True
+    try:
+        yield
+    finally:
+        _cpu_forced = old
+
+
+def xp(a):
+    """The array module of ``a``: cupy for CuPy arrays, numpy otherwise (the Chainer idiom)."""
+    return _cupy if is_cupy(a) else np
+
+
+def asarray(a, dtype=None):
+    """Put ``a`` on the current device (CuPy on "cuda", NumPy on "cpu"/"sim"), C-contiguous."""
+    if device() == "cuda":
+        return _cupy.ascontiguousarray(_cupy.asarray(a, dtype=dtype))
+    if is_cupy(a):
+        a = a.get()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def to_numpy(a):
+    """Bring an array back to the host as a NumPy array (a no-op for NumPy arrays)."""
+    if is_cupy(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def empty(shape, dtype, like):
+    """An uninitialised array on the same device as ``like``."""
+    return xp(like).empty(shape, dtype=dtype)
+
+
+def seed(n: int) -> None:
+    """Seed gpucnn's default random generator (initialisation, shuffling)."""
+    global _rng
+    _rng = np.random.default_rng(n)
+
+
+def default_rng() -> np.random.Generator:
+    return _rng
+
+
+# ----------------------------------------------------------------------------------------------
+# Numba kernels: declared at import without touching numba.cuda, compiled on first launch
+
+
+class _CudaPlaceholder:
+    """Stands for ``numba.cuda`` in kernel modules until the first GPU kernel is compiled."""
+
+    def __getattr__(self, name):
+        raise DeviceError("numba.cuda is used only on the 'cuda' and 'sim' devices; "
+                          "call gpucnn.use_device('cuda' or 'sim') first")
+
+
+cuda = _CudaPlaceholder()
+
+_counters = []          # active gpucnn.profile() counters (see gpucnn.profile)
+
+
+class GPUKernel:
+    """A Numba CUDA kernel written as a plain function, compiled with ``cuda.jit`` at its first launch.
+
+    Compiling late keeps ``import gpucnn`` free of numba.cuda. Before compiling, the function's module
+    global ``cuda`` is bound to the real numba.cuda module: the simulator finds kernels' ``cuda`` that way.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.family = fn.__module__.rsplit(".", 1)[-1]
+        self._jitted = None
+        self._specialised = {}
+
+    def compiled(self):
+        if self._jitted is None:
+            numba_cuda = _numba_cuda or _import_numba_cuda(simulate=device() == "sim")
+            self.fn.__globals__["cuda"] = numba_cuda
+            self._jitted = numba_cuda.jit(self.fn)
+        return self._jitted
+
+    def __repr__(self):
+        return f"<gpucnn kernel {self.family}.{self.name}>"
+
+
+def gpu_kernel(fn) -> GPUKernel:
+    """Decorator: declare a Numba CUDA kernel (compiled lazily, launched with :func:`launch`)."""
+    return GPUKernel(fn)
+
+
+_streams = {}
+
+
+def _numba_stream():
+    """Numba's view of CuPy's current stream, so our kernels queue behind (and graph with) CuPy's."""
+    ptr = _cupy.cuda.get_current_stream().ptr
+    s = _streams.get(ptr)
+    if s is None:
+        s = _streams[ptr] = _numba_cuda.external_stream(ptr)
+    return s
+
+
+def _arg_key(a):
+    dt = getattr(a, "dtype", None)
+    if dt is not None and getattr(a, "ndim", 0) > 0:
+        return (dt.str, a.ndim)
+    return type(a)
+
+
+def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, shared_bytes: int = 0):
+    """Launch ``kernel`` over ``n`` threads (a 1-D grid of ``threads``-wide blocks) on the current stream.
+
+    On "cuda" the compiled specialisation for these argument types is cached, so a launch skips
+    Numba's type dispatch, and it runs on CuPy's current stream. On "sim" Numba's simulator runs it.
+    """
+    if n <= 0:
+        return
+    if blocks is None:
+        blocks = (n + threads - 1) // threads
+    for c in _counters:
+        c.count_launch(kernel.family, "numba")
+    jitted = kernel.compiled()
+    if is_cupy(args[0]) if args else False:
+        key = tuple(_arg_key(a) for a in args)
+        spec = kernel._specialised.get(key)
+        if spec is None:
+            spec = kernel._specialised[key] = jitted.specialize(*args)
+        spec[blocks, threads, _numba_stream(), shared_bytes](*args)
+    else:
+        for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
+            if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+                raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
+        jitted[blocks, threads](*args)
+
+
+def matmul(a, b, out=None):
+    """The GEMM of every conv and dense layer: cuBLAS through ``cupy.matmul`` on "cuda", BLAS otherwise.
+
+    On "sim" the GEMM is NumPy's: cuBLAS is not our code, so the simulator has nothing of ours to run.
+    Each call counts as one launch in :func:`gpucnn.profile`.
+    """
+    if _counters and on_gpu(a):
+        fam = sys._getframe(1).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
+        for c in _counters:
+            c.count_launch(fam, "cublas")
+    return xp(a).matmul(a, b, out=out)

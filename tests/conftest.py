@@ -1,0 +1,57 @@
+"""Test set-up: which process runs which tests, fresh random inputs, and the comparison tolerance.
+
+Numba picks simulator or GPU once per process, so the suite runs in two processes:
+    python -m pytest                         # CPU tests (and -m gpu ones where a GPU is usable)
+    GPUCNN_DEVICE=sim python -m pytest -m sim   # the GPU code path on Numba's CUDA simulator
+A test in the wrong process is skipped with a reason that says where it runs.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import gpucnn
+from gpucnn import backend
+
+SIM = os.environ.get("GPUCNN_DEVICE", "").lower() == "sim"
+if SIM:
+    gpucnn.use_device("sim")
+elif not os.environ.get("GPUCNN_DEVICE"):
+    gpucnn.use_device("cpu")          # the CPU suite runs on the CPU even on a GPU machine
+
+GPU_PROBLEM = backend._cuda_problem()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "sim" in item.keywords and not SIM:
+            item.add_marker(pytest.mark.skip(reason="sim test: runs in its own process, GPUCNN_DEVICE=sim pytest -m sim"))
+        elif SIM and "sim" not in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="CPU test: runs in the default process (pytest without GPUCNN_DEVICE=sim)"))
+        elif "gpu" in item.keywords and GPU_PROBLEM:
+            item.add_marker(pytest.mark.skip(reason=f"no usable CUDA GPU: {GPU_PROBLEM}"))
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's name so failures reproduce."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+
+
+def tol(dtype):
+    """rtol relative to the largest magnitude: float32 rounding vs float64 rounding."""
+    return 2e-4 if np.dtype(dtype) == np.float32 else 1e-7
+
+
+def assert_close(actual, expected, dtype=None, what=""):
+    """|actual - expected| <= tol * max|expected| elementwise, with the worst index in the message."""
+    a = backend.to_numpy(actual).astype(np.float64)
+    e = backend.to_numpy(expected).astype(np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    t = tol(dtype or backend.to_numpy(actual).dtype)
+    scale = max(np.abs(e).max(initial=0.0), 1e-30)
+    err = np.abs(a - e)
+    if err.size and err.max() > t * scale:
+        i = np.unravel_index(int(np.argmax(err)), err.shape)
+        raise AssertionError(f"{what}: max error {err.max():.3e} at {i} ({a[i]!r} vs {e[i]!r}) "
+                             f"> {t:g} * max|expected| {scale:.3e}")
