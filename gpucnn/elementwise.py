@@ -130,6 +130,8 @@ class ElementwiseKernel:
             a = args[k] if k < len(args) else None
             if p.is_out and a is None:
                 a = np.empty(shape, dtype=dtype)
+                for c in backend._counters:
+                    c.count_alloc(self.family, a.nbytes)
             if p.is_out:
                 outs.append(a)
             if isinstance(a, np.ndarray) and (a.ndim > 0 or p.raw or p.is_out):

@@ -27,19 +27,22 @@ def check_backward(layer_or_loss, x, target=None, eps=1e-6, rtol=1e-5, atol=1e-8
     (anything whose ``forward`` takes a target) it is the loss itself. An array passes when
     ``max|analytic - numeric| <= atol + rtol * max|numeric|`` (relative to its largest entry, the scale
     float rounding works at). Returns a :class:`GradCheckReport`; raises AssertionError naming the array
-    and the index of the worst entry when one fails. Parameters are cast to float64 for the check and
+    and the index of the worst entry when one fails. Parameters and buffers are cast to float64 for the check and
     restored afterwards.
     """
     obj = layer_or_loss
     is_loss = target is not None
     xp = backend.xp(x)
     params = getattr(obj, "params", {}) or {}
+    buffers = getattr(obj, "buffers", {}) or {}
     saved = {k: v for k, v in params.items()}
+    saved_buffers = {k: v for k, v in buffers.items()}
     saved_dtype = getattr(obj, "dtype", None)
     counters = _int_state(obj)
     try:
-        for k, v in params.items():
-            params[k] = v.astype(np.float64)
+        for d in (params, buffers):
+            for k, v in d.items():
+                d[k] = v.astype(np.float64)
         if saved_dtype is not None:
             obj.dtype = np.dtype(np.float64)
         x = xp.ascontiguousarray(x.astype(np.float64))
@@ -96,7 +99,7 @@ def check_backward(layer_or_loss, x, target=None, eps=1e-6, rtol=1e-5, atol=1e-8
             raise AssertionError("\n".join(failures) + "\n" + str(report))
         return report
     finally:
-        for k, v in saved.items():
-            params[k] = v
+        params.update(saved)
+        buffers.update(saved_buffers)
         if saved_dtype is not None:
             obj.dtype = saved_dtype

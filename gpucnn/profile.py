@@ -1,0 +1,99 @@
+"""``gpucnn.profile()``: count what a piece of training costs on the GPU path, per op family.
+
+    with gpucnn.profile() as p:
+        model.train_step(x, y)
+    print(p)                 # a table: family, Numba launches, CuPy launches, cuBLAS calls, bytes allocated
+    p.launches               # total kernel launches (each cuBLAS call counts as one)
+
+Counts are the same on "cuda" and "sim": every ``backend.launch`` (Numba), every ElementwiseKernel call
+(CuPy) and every ``backend.matmul`` (cuBLAS) on the GPU path. Bytes are the device memory gpucnn itself
+allocates through ``backend.empty``/``backend.zeros`` and for ElementwiseKernel outputs; on "sim" the
+simulator's own copies of kernel arguments do not count. On "cuda" every CuPy allocation made inside the
+block is counted too (a CuPy memory hook), so nothing hides there.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import defaultdict
+
+from . import backend
+
+
+class Profile:
+    """Launch and allocation counts, per op family."""
+
+    KINDS = ("numba", "cupy", "cublas")
+
+    def __init__(self):
+        self.counts = defaultdict(lambda: dict.fromkeys(self.KINDS + ("bytes", "allocs"), 0))
+
+    def count_launch(self, family: str, kind: str):
+        self.counts[family][kind] += 1
+
+    def count_alloc(self, family: str, nbytes: int):
+        self.counts[family]["bytes"] += int(nbytes)
+        self.counts[family]["allocs"] += 1
+
+    @property
+    def launches(self) -> int:
+        return sum(c[k] for c in self.counts.values() for k in self.KINDS)
+
+    @property
+    def bytes_allocated(self) -> int:
+        return sum(c["bytes"] for c in self.counts.values())
+
+    def by_family(self) -> dict:
+        return {f: dict(c) for f, c in sorted(self.counts.items())}
+
+    def __str__(self):
+        rows = ["| family | Numba | CuPy | cuBLAS | launches | allocations | bytes |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for f, c in sorted(self.counts.items()):
+            n = sum(c[k] for k in self.KINDS)
+            rows.append(f"| {f} | {c['numba']} | {c['cupy']} | {c['cublas']} | {n} | {c['allocs']} | {c['bytes']:,} |")
+        rows.append(f"| **total** | | | | **{self.launches}** | | **{self.bytes_allocated:,}** |")
+        return "\n".join(rows)
+
+
+def _family_of_caller(depth: int = 2) -> str:
+    """The op family of the first gpucnn.kernels module on the stack (where an allocation comes from)."""
+    f = sys._getframe(depth)
+    while f is not None:
+        name = f.f_globals.get("__name__", "")
+        if name.startswith("gpucnn.kernels."):
+            return name.rsplit(".", 1)[-1]
+        f = f.f_back
+    return "other"
+
+
+def _cupy_alloc_hook(prof):
+    """A CuPy memory hook that counts every memory-pool request inside a profile() block ("cuda")."""
+    from cupy.cuda import memory_hook
+
+    class Hook(memory_hook.MemoryHook):
+        name = "gpucnn-profile"
+
+        def malloc_preprocess(self, **kw):
+            prof.count_alloc(_family_of_caller(3), kw["mem_size"])
+
+    return Hook()
+
+
+@contextlib.contextmanager
+def profile(print_table: bool = False):
+    """Count kernel launches and allocations per op family inside the block (on "cuda" and "sim")."""
+    p = Profile()
+    backend._counters.append(p)
+    hook = None
+    if backend.device() == "cuda":
+        hook = _cupy_alloc_hook(p)
+        hook.__enter__()
+    try:
+        yield p
+    finally:
+        if hook is not None:
+            hook.__exit__(None, None, None)
+        backend._counters.remove(p)
+        if print_table:
+            print(p)
