@@ -101,5 +101,7 @@ def check_backward(layer_or_loss, x, target=None, eps=1e-6, rtol=1e-5, atol=1e-8
     finally:
         params.update(saved)
         buffers.update(saved_buffers)
+        for k, v in counters.items():
+            setattr(obj, k, v)
         if saved_dtype is not None:
             obj.dtype = saved_dtype

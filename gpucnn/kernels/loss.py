@@ -1,0 +1,223 @@
+"""Losses: softmax cross-entropy fused with its gradient, the softmax alone, and mean squared error.
+
+Cross-entropy of logits z (N, C) and integer labels y (N,), averaged over the batch:
+
+    L = 1/N sum_n [ log sum_k exp(z[n, k]) - z[n, y[n]] ]       dL/dz = (softmax(z) - onehot(y)) / N
+
+Both are computed from the row max m subtracted first (z - m <= 0), so exp never overflows and logits of
++-1e4 give finite, exact results. GPU: one thread per row computes the row's max, log-sum-exp, loss and
+gradient row in a single pass, and one block sums the N row losses on the device (no host copy, no sync).
+MSE: L = mean((p - t)^2), dL/dp = 2 (p - t) / size; GPU: ElementwiseKernels and the same block sum.
+
+Labels are checked cheaply (shape, dtype) everywhere. Their range is checked on the CPU path on every
+call (free there) but not on the GPU path, where it would cost a sync per batch: ``check_labels`` checks a
+whole data set once (fit does), and a label outside [0, C) that still reaches the GPU kernel is never used
+as an index: it makes its row's loss NaN, which surfaces when the loss is read back.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import cuda, gpu_kernel, launch, on_gpu, to_numpy, xp
+from ..elementwise import ElementwiseKernel
+
+# ---------------------------------------------------------------------------- label checks
+
+
+def check_label_format(labels, where: str, n: int | None = None):
+    """The cheap label checks (no data read, no sync): a 1-d integer array, of length ``n`` when given."""
+    if not hasattr(labels, "dtype") or not hasattr(labels, "shape"):
+        raise TypeError(f"{where}: expected the labels as an integer array, got {type(labels).__name__}")
+    if labels.dtype.kind not in "iu":
+        hint = " (one-hot labels? pass y.argmax(axis=1))" if labels.ndim == 2 else ""
+        raise TypeError(f"{where}: labels must be integer class indices, got dtype {labels.dtype}{hint}; "
+                        "convert them with y.astype('int64')")
+    if labels.ndim != 1:
+        raise ValueError(f"{where}: expected labels of shape (N,), one class index per row, "
+                         f"got shape {tuple(labels.shape)}")
+    if n is not None and labels.shape[0] != n:
+        raise ValueError(f"{where}: {n} rows of logits but {labels.shape[0]} labels (expected one per row)")
+
+
+def check_labels(y, num_classes: int, where: str, n: int | None = None):
+    """Raise unless ``y`` is a 1-d integer array with every value in [0, num_classes) (and ``n`` long).
+
+    Reads every label, so on a GPU array it syncs once: call it once per data set (fit does), not per batch.
+    """
+    check_label_format(y, where, n)
+    if y.shape[0] == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        host = to_numpy(y)
+        bad = np.flatnonzero((host < 0) | (host >= num_classes))
+        k = int(bad[0])
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"{where}: labels must be in [0, {num_classes}) for {num_classes} classes, "
+                         f"got {int(host[k])} at index {k}{more}")
+
+
+# ---------------------------------------------------------------------------- GPU: Numba kernels
+
+_BLOCK = 128   # threads of the one block that sums row losses / squared errors
+
+
+@gpu_kernel
+def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n):
+    """Thread per row n: row_loss[n] = logsumexp(z[n]) - z[n, y[n]]; grad[n] = (softmax(z[n]) - onehot) / N."""
+    n = cuda.grid(1)
+    if n >= n_rows:
+        return
+    y = labels[n]
+    if y < 0 or y >= n_classes:
+        # never index with a bad label (that would read and write out of bounds): poison the row instead
+        row_loss[n] = math.nan
+        for k in range(n_classes):
+            grad[n, k] = math.nan
+        return
+    m = logits[n, 0]
+    for k in range(1, n_classes):
+        m = max(m, logits[n, k])
+    s = 0.0   # a double: the sum of C exponentials in full precision costs nothing next to the memory traffic
+    for k in range(n_classes):
+        e = math.exp(logits[n, k] - m)
+        grad[n, k] = e
+        s += e
+    row_loss[n] = math.log(s) - (logits[n, y] - m)
+    scale = inv_n / s
+    for k in range(n_classes):
+        grad[n, k] *= scale
+    grad[n, y] -= inv_n
+
+
+@gpu_kernel
+def _softmax_rows(logits, probs, n_rows, n_classes):
+    """Thread per row n: probs[n] = exp(z[n] - max) / sum(exp(z[n] - max))."""
+    n = cuda.grid(1)
+    if n >= n_rows:
+        return
+    m = logits[n, 0]
+    for k in range(1, n_classes):
+        m = max(m, logits[n, k])
+    s = 0.0
+    for k in range(n_classes):
+        e = math.exp(logits[n, k] - m)
+        probs[n, k] = e
+        s += e
+    inv_s = 1.0 / s
+    for k in range(n_classes):
+        probs[n, k] *= inv_s
+
+
+@gpu_kernel
+def _block_sum(values, out, n, scale):
+    """out[0] = scale * sum(values[:n]) by ONE block of _BLOCK threads (launch exactly _BLOCK threads).
+
+    Each thread adds a strided slice in double, then the block halves the partial sums in shared memory.
+    The order is fixed, so the result is deterministic (no atomics). One block suffices for the sizes a
+    loss sees (a batch of rows or outputs).
+    """
+    t = cuda.threadIdx.x
+    partial = cuda.shared.array(_BLOCK, np.float64)
+    acc = 0.0
+    for k in range(t, n, _BLOCK):
+        acc += values[k]
+    partial[t] = acc
+    cuda.syncthreads()
+    width = _BLOCK // 2
+    while width > 0:
+        if t < width:
+            partial[t] += partial[t + width]
+        cuda.syncthreads()
+        width //= 2
+    if t == 0:
+        out[0] = partial[0] * scale
+
+
+def _mean_on_device(values, n: int):
+    """sum(values) / n as a 0-d array on values' device: one block-sum launch, no host copy."""
+    out = xp(values).empty(1, dtype=values.dtype)
+    launch(_block_sum, _BLOCK, values, out, n, 1.0 / n, threads=_BLOCK)
+    return out.reshape(())
+
+
+# ---------------------------------------------------------------------------- GPU: elementwise kernels
+_sq_diff_k = ElementwiseKernel("T p, T t", "T d2", "T d = p - t; d2 = d * d", "loss_sq_diff")
+_mse_grad_k = ElementwiseKernel("T p, T t, T scale", "T g", "g = scale * (p - t)", "loss_mse_grad")
+
+
+# ---------------------------------------------------------------------------- CPU twins
+def _softmax_xent_cpu(logits, labels):
+    n = logits.shape[0]
+    rows = np.arange(n)
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    row_loss = np.log(s[:, 0]) - z[rows, labels]
+    grad = e
+    grad /= s
+    grad[rows, labels] -= 1
+    grad *= logits.dtype.type(1.0 / n)
+    return np.asarray(row_loss.mean()), grad
+
+
+def _softmax_cpu(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
+# ---------------------------------------------------------------------------- the functions losses call
+def softmax_cross_entropy_forward(logits, labels, where: str = "softmax_cross_entropy"):
+    """(mean cross-entropy as a 0-d array, dL/dlogits) for logits (N, C) and integer labels (N,).
+
+    The gradient comes out of the same pass, so a loss keeps it for its backward. ``where`` names the
+    caller in errors. Labels are range-checked here on the CPU path only (see the module docstring).
+    """
+    n, c = logits.shape
+    if on_gpu(logits):
+        x = xp(logits)
+        logits, labels = x.ascontiguousarray(logits), x.ascontiguousarray(labels)
+        grad = x.empty_like(logits)
+        row_loss = x.empty(n, dtype=logits.dtype)
+        launch(_softmax_xent_rows, n, logits, labels, row_loss, grad, n, c, 1.0 / n)
+        return _mean_on_device(row_loss, n), grad
+    check_labels(labels, c, where, n)
+    return _softmax_xent_cpu(logits, labels)
+
+
+def softmax(logits):
+    """Row-wise softmax of logits (N, C), or of one row (C,): the class probabilities (predict_proba)."""
+    if logits.ndim == 1:
+        return softmax(logits.reshape(1, -1)).reshape(-1)
+    if on_gpu(logits):
+        x = xp(logits)
+        logits = x.ascontiguousarray(logits)
+        probs = x.empty_like(logits)
+        n, c = logits.shape
+        launch(_softmax_rows, n, logits, probs, n, c)
+        return probs
+    return _softmax_cpu(logits)
+
+
+def mse_forward(pred, target):
+    """mean((pred - target)^2) over all elements, as a 0-d array on pred's device."""
+    if on_gpu(pred):
+        x = xp(pred)
+        d2 = _sq_diff_k(x.ascontiguousarray(pred), x.ascontiguousarray(target))
+        return _mean_on_device(d2.reshape(-1), d2.size)
+    d = pred - target
+    return np.asarray(np.mean(np.square(d, out=d)))
+
+
+def mse_backward(pred, target):
+    """dL/dpred = 2 (pred - target) / size."""
+    scale = pred.dtype.type(2.0 / pred.size)
+    if on_gpu(pred):
+        x = xp(pred)
+        return _mse_grad_k(x.ascontiguousarray(pred), x.ascontiguousarray(target), scale)
+    g = pred - target
+    g *= scale
+    return g

@@ -1,0 +1,140 @@
+"""Loss functions: what training minimises, and its gradient with respect to the network's output.
+
+    loss = SoftmaxCrossEntropy()
+    value = loss.forward(logits, labels)   # a 0-d array on the logits' device; float(value) reads it
+    g = loss.backward()                    # dL/dlogits, handed to the last layer's backward
+
+A loss is not a layer (it takes a target and ends the chain), but follows the same contract: it checks
+its inputs, names itself in errors, calls ``gpucnn.kernels.loss`` for the array work, and refuses a
+backward before a forward. On the GPU, neither forward nor backward copies to the host or waits for the
+device: the value stays on the device until someone reads it.
+
+NaN and Inf: a diverging run (learning rate too high) turns the loss NaN. :func:`check_finite` turns that
+into a FloatingPointError that says what to do. On the host (the CPU path) forward checks at once, since
+reading the value is free there; a loss on the GPU is checked where it is read back (fit reads it).
+"""
+from __future__ import annotations
+
+import math
+
+from . import backend
+from .kernels import loss as K
+from .layers.base import check_input
+
+__all__ = ["SoftmaxCrossEntropy", "MSE", "check_finite", "LOSSES"]
+
+
+def check_finite(loss_value, where: str, step: int | None = None) -> float:
+    """Read the loss as a Python float; raise FloatingPointError when it is NaN or infinite.
+
+    On the GPU the read is a sync: call it where the loss is read anyway (a progress line, an epoch's end).
+    """
+    v = float(loss_value)
+    if not math.isfinite(v):
+        at = f" at step {step}" if step is not None else ""
+        raise FloatingPointError(
+            f"{where}: loss is {v}{at}: lower the learning rate (training diverged), or look for NaN/Inf "
+            "in the inputs and for labels outside [0, classes)")
+    return v
+
+
+def _check_same_device(where: str, a, b, what: str):
+    if backend.is_cupy(a) != backend.is_cupy(b):
+        side = lambda v: "a CuPy (GPU) array" if backend.is_cupy(v) else "a NumPy (host) array"
+        raise TypeError(f"{where}: the prediction is {side(a)} but the {what} is {side(b)}; "
+                        "move the data with gpucnn.asarray(...) (gpucnn never copies silently)")
+
+
+class Loss:
+    """Base of the losses: ``forward(pred, target) -> 0-d loss``, ``backward() -> dL/dpred``.
+
+    ``step`` counts forward passes (0 for the first), so an error can say which batch went wrong.
+    """
+
+    def __init__(self):
+        self.step = 0
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def config(self) -> dict:
+        return {}
+
+    def __repr__(self):
+        return f"{self.name}()"
+
+    def _need(self, attr: str):
+        v = getattr(self, attr, None)
+        if v is None:
+            raise RuntimeError(f"{self.name}: backward called before forward (nothing cached to differentiate)")
+        return v
+
+    def _done(self, value):
+        """Check a host value for NaN/Inf now (free); a GPU value is checked when it is read back."""
+        if not backend.is_cupy(value):
+            check_finite(value, self.name, self.step)
+        self.step += 1
+        return value
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax then cross-entropy with integer labels, averaged over the batch (PyTorch's cross_entropy).
+
+    Fused: the gradient (softmax - onehot) / N is computed in the forward pass and kept for backward.
+    Stable for any finite logits (the row max is subtracted before exp). Labels are range-checked on the
+    CPU path; on the GPU only their shape and dtype are, without a sync (fit checks the range once for the
+    whole data set with ``gpucnn.kernels.loss.check_labels``; a bad label on the GPU makes the loss NaN).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._grad = None
+
+    def forward(self, logits, labels):
+        check_input(self.name, logits, 2, "of logits (batch, classes)")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"{self.name}: expected at least one row and one class, got logits of shape "
+                             f"{tuple(logits.shape)}")
+        K.check_label_format(labels, self.name, logits.shape[0])
+        _check_same_device(self.name, logits, labels, "labels")
+        value, self._grad = K.softmax_cross_entropy_forward(logits, labels, where=self.name)
+        return self._done(value)
+
+    def backward(self):
+        return self._need("_grad")
+
+    def probs(self, logits):
+        """The class probabilities softmax(logits), row-wise (what predict_proba returns)."""
+        check_input(self.name, logits, 2, "of logits (batch, classes)")
+        return K.softmax(logits)
+
+
+class MSE(Loss):
+    """Mean squared error over all elements: mean((pred - target)^2) (PyTorch's mse_loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self._pred = self._target = None
+
+    def forward(self, pred, target):
+        check_input(self.name, pred, None, "of predictions")
+        if not hasattr(target, "shape") or not hasattr(target, "dtype"):
+            raise TypeError(f"{self.name}: expected the target as an array, got {type(target).__name__}")
+        if tuple(target.shape) != tuple(pred.shape):
+            raise ValueError(f"{self.name}: the prediction has shape {tuple(pred.shape)} but the target has "
+                             f"shape {tuple(target.shape)}; they must be equal (no broadcasting)")
+        if target.dtype != pred.dtype:
+            raise TypeError(f"{self.name}: the prediction is {pred.dtype} but the target is {target.dtype}; "
+                            "gpucnn does not cast silently (convert the target, e.g. y.astype('float32'))")
+        if pred.size == 0:
+            raise ValueError(f"{self.name}: the prediction is empty (shape {tuple(pred.shape)})")
+        _check_same_device(self.name, pred, target, "target")
+        self._pred, self._target = pred, target
+        return self._done(K.mse_forward(pred, target))
+
+    def backward(self):
+        return K.mse_backward(self._need("_pred"), self._target)
+
+
+LOSSES = {"SoftmaxCrossEntropy": SoftmaxCrossEntropy, "MSE": MSE}   # name -> class, to rebuild a saved model

@@ -1,0 +1,287 @@
+"""Losses: finite differences, the CPU path against PyTorch, the GPU path ("sim") against the CPU, errors."""
+import numpy as np
+import pytest
+
+from gpucnn import backend
+from gpucnn.kernels import loss as K
+from gpucnn.losses import MSE, SoftmaxCrossEntropy, check_finite
+from gpucnn.testing import check_backward
+from conftest import assert_close
+
+XENT_SHAPES = [(4, 5), (1, 3), (7, 10), (3, 1)]
+EXTREME = np.array([[1e4, -1e4, 0.0, 3.0],      # one class dominates completely
+                    [-1e4, -1e4, -1e4, -1e4],   # all equal, very negative
+                    [1e4, 1e4 - 1, -1e4, 1e4],  # a near tie at the top
+                    [2.0, -1.0, 0.5, 1e4]])
+EXTREME_LABELS = np.array([1, 2, 0, 3])
+
+
+def logsumexp_ref(z):
+    """Cross-entropy rows in float64 by a route that does not share code with the library."""
+    z = z.astype(np.float64)
+    return np.logaddexp.reduce(z, axis=1)
+
+
+# ---------------------------------------------------------------------------- finite differences
+
+
+@pytest.mark.parametrize("shape", XENT_SHAPES)
+def test_xent_check_backward(shape, rng):
+    labels = rng.integers(0, shape[1], shape[0])
+    check_backward(SoftmaxCrossEntropy(), rng.standard_normal(shape) * 2, target=labels)
+
+
+def test_xent_check_backward_large_offsets(rng):
+    # rows shifted by +-1e4: only the differences within a row matter, and the max subtraction keeps them
+    z = rng.standard_normal((4, 5)) + 1e4 * rng.choice([-1.0, 1.0], size=(4, 1))
+    check_backward(SoftmaxCrossEntropy(), z, target=rng.integers(0, 5, 4))
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (1, 1), (2, 3, 4, 4)])
+def test_mse_check_backward(shape, rng):
+    check_backward(MSE(), rng.standard_normal(shape), target=rng.standard_normal(shape))
+
+
+# ---------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_xent_extreme_logits_finite_and_exact(dtype):
+    loss = SoftmaxCrossEntropy()
+    z = EXTREME.astype(dtype)
+    value = loss.forward(z, EXTREME_LABELS)
+    rows = logsumexp_ref(z) - z.astype(np.float64)[np.arange(4), EXTREME_LABELS]
+    assert value.shape == () and value.dtype == np.dtype(dtype)
+    assert np.isfinite(float(value))
+    assert_close(value, rows.mean(), dtype, "extreme logits loss")
+    g = loss.backward()
+    assert np.all(np.isfinite(g))
+    assert np.abs(g.sum(axis=1)).max() < 1e-6              # each row: softmax (sums to 1) minus a one-hot
+    assert g[0, 1] == pytest.approx(-0.25, abs=1e-6)   # label 1 gets no probability in row 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_rows_sum_to_one(dtype, rng):
+    p = K.softmax(EXTREME.astype(dtype))
+    assert p.dtype == np.dtype(dtype) and np.all(np.isfinite(p))
+    assert_close(p.sum(axis=1), np.ones(4), dtype, "softmax rows")
+    z = rng.standard_normal((5, 6)).astype(dtype)
+    ref = np.exp(z.astype(np.float64))
+    assert_close(SoftmaxCrossEntropy().probs(z), ref / ref.sum(axis=1, keepdims=True), dtype, "softmax")
+    assert_close(K.softmax(z[2]), ref[2] / ref[2].sum(), dtype, "softmax of one row")   # predict_proba(one image)
+
+
+def test_mse_value_and_step(rng):
+    loss = MSE()
+    p, t = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    assert float(loss.forward(p, t)) == pytest.approx(float(np.mean((p - t) ** 2)), rel=1e-12)
+    assert_close(loss.backward(), 2 * (p - t) / 12, "float64", "mse grad")
+    assert loss.step == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("label_dtype", ["int64", "int32", "uint8"])
+def test_xent_keeps_dtype(dtype, label_dtype, rng):
+    loss = SoftmaxCrossEntropy()
+    value = loss.forward(rng.standard_normal((6, 4)).astype(dtype), rng.integers(0, 4, 6).astype(label_dtype))
+    assert isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.dtype(dtype)
+    assert loss.backward().dtype == np.dtype(dtype)
+
+
+# ---------------------------------------------------------------------------- against PyTorch
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(8, 10), (1, 4)])
+def test_xent_against_torch(shape, dtype, rng):
+    torch = pytest.importorskip("torch")
+    z = (rng.standard_normal(shape) * 3).astype(dtype)
+    y = rng.integers(0, shape[1], shape[0])
+    loss = SoftmaxCrossEntropy()
+    value = loss.forward(z, y)
+    g = loss.backward()
+    t = torch.tensor(z, requires_grad=True)
+    tl = torch.nn.functional.cross_entropy(t, torch.tensor(y))
+    tl.backward()
+    assert_close(value, tl.detach().numpy(), dtype, "cross_entropy forward")
+    assert_close(g, t.grad.numpy(), dtype, "cross_entropy backward")
+    assert_close(K.softmax(z), torch.softmax(t, 1).detach().numpy(), dtype, "softmax")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_xent_extreme_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    z = EXTREME.astype(dtype)
+    loss = SoftmaxCrossEntropy()
+    value = loss.forward(z, EXTREME_LABELS)
+    t = torch.tensor(z, requires_grad=True)
+    tl = torch.nn.functional.cross_entropy(t, torch.tensor(EXTREME_LABELS))
+    tl.backward()
+    assert_close(value, tl.detach().numpy(), dtype, "extreme cross_entropy forward")
+    assert_close(loss.backward(), t.grad.numpy(), dtype, "extreme cross_entropy backward")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(8, 3), (2, 3, 4, 4)])
+def test_mse_against_torch(shape, dtype, rng):
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal(shape).astype(dtype)
+    y = rng.standard_normal(shape).astype(dtype)
+    loss = MSE()
+    value = loss.forward(p, y)
+    g = loss.backward()
+    t = torch.tensor(p, requires_grad=True)
+    tl = torch.nn.functional.mse_loss(t, torch.tensor(y))
+    tl.backward()
+    assert value.dtype == np.dtype(dtype)
+    assert_close(value, tl.detach().numpy(), dtype, "mse forward")
+    assert_close(g, t.grad.numpy(), dtype, "mse backward")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("labels, err, match", [
+    (np.array([0, 1, 5]), ValueError, r"SoftmaxCrossEntropy: labels must be in \[0, 4\) for 4 classes, got 5 at index 2"),
+    (np.array([0, -1, 2]), ValueError, r"SoftmaxCrossEntropy: labels must be in \[0, 4\).*got -1 at index 1"),
+    (np.array([0, 1]), ValueError, r"SoftmaxCrossEntropy: 3 rows of logits but 2 labels"),
+    (np.array([0.0, 1.0, 2.0]), TypeError, r"SoftmaxCrossEntropy: labels must be integer class indices, got dtype float64"),
+    (np.eye(3, 4), TypeError, r"one-hot labels\? pass y.argmax\(axis=1\)"),
+    (np.zeros((3, 1), np.int64), ValueError, r"SoftmaxCrossEntropy: expected labels of shape \(N,\).*got shape \(3, 1\)"),
+    ([0, 1, 2], TypeError, r"SoftmaxCrossEntropy: expected the labels as an integer array, got list"),
+])
+def test_xent_bad_labels(labels, err, match, rng):
+    with pytest.raises(err, match=match):
+        SoftmaxCrossEntropy().forward(rng.standard_normal((3, 4)), labels)
+
+
+def test_xent_bad_logits(rng):
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: expected a 2-d input of logits"):
+        SoftmaxCrossEntropy().forward(rng.standard_normal((3, 4, 1)), np.zeros(3, np.int64))
+    with pytest.raises(TypeError, match="SoftmaxCrossEntropy: expected a float input"):
+        SoftmaxCrossEntropy().forward(np.ones((3, 4), np.int64), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: expected at least one row and one class"):
+        SoftmaxCrossEntropy().forward(np.ones((0, 4)), np.zeros(0, np.int64))
+
+
+def test_check_labels_on_a_data_set():
+    K.check_labels(np.array([0, 9, 3], np.uint8), 10, "fit")      # passes
+    with pytest.raises(ValueError, match=r"fit: labels must be in \[0, 10\) for 10 classes, got 10 at index 1 \(and 1 more\)"):
+        K.check_labels(np.array([0, 10, 3, 12]), 10, "fit")
+    with pytest.raises(ValueError, match=r"fit: 5 rows of logits but 4 labels"):
+        K.check_labels(np.array([0, 1, 2, 3]), 10, "fit", n=5)
+
+
+@pytest.mark.parametrize("target, err, match", [
+    (np.zeros((3, 5)), ValueError, r"MSE: the prediction has shape \(3, 4\) but the target has shape \(3, 5\)"),
+    (np.zeros(12), ValueError, r"MSE: the prediction has shape \(3, 4\) but the target has shape \(12,\)"),
+    (np.zeros((3, 4), np.float32), TypeError, r"MSE: the prediction is float64 but the target is float32"),
+    (3.0, TypeError, r"MSE: expected the target as an array, got float"),
+])
+def test_mse_bad_target(target, err, match, rng):
+    with pytest.raises(err, match=match):
+        MSE().forward(rng.standard_normal((3, 4)), target)
+
+
+@pytest.mark.parametrize("make", [SoftmaxCrossEntropy, MSE])
+def test_backward_before_forward(make):
+    with pytest.raises(RuntimeError, match=f"{make.__name__}: backward called before forward"):
+        make().backward()
+
+
+def test_nan_loss_raises_with_advice(rng):
+    z = rng.standard_normal((3, 4))
+    z[1, 2] = np.nan
+    loss = SoftmaxCrossEntropy()
+    loss.forward(rng.standard_normal((3, 4)), np.array([0, 1, 2]))   # step 0 is fine
+    with pytest.raises(FloatingPointError, match=r"SoftmaxCrossEntropy: loss is nan at step 1: lower the learning rate"):
+        loss.forward(z, np.array([0, 1, 2]))
+    p = rng.standard_normal((2, 2))
+    p[0, 0] = np.inf
+    with pytest.raises(FloatingPointError, match=r"MSE: loss is inf at step 0: lower the learning rate"):
+        MSE().forward(p, np.zeros((2, 2)))
+
+
+def test_check_finite():
+    assert check_finite(np.asarray(np.float32(1.5)), "fit") == 1.5
+    with pytest.raises(FloatingPointError, match=r"fit, epoch 2: loss is nan at step 37: lower the learning rate"):
+        check_finite(np.asarray(np.nan), "fit, epoch 2", step=37)
+    with pytest.raises(FloatingPointError, match=r"evaluate: loss is -inf: lower the learning rate"):
+        check_finite(-np.inf, "evaluate")
+
+
+# ---------------------------------------------------------------------------- the GPU path on the simulator
+
+
+def _xent_sim_vs_cpu(z, y, dtype):
+    value, grad = K.softmax_cross_entropy_forward(z, y)
+    probs = K.softmax(z)
+    with backend.cpu_path():
+        value_ref, grad_ref = K.softmax_cross_entropy_forward(z, y)
+        probs_ref = K.softmax(z)
+    assert isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.dtype(dtype)
+    assert grad.dtype == probs.dtype == np.dtype(dtype)
+    assert_close(value, value_ref, dtype, "cross-entropy value")
+    assert_close(grad, grad_ref, dtype, "cross-entropy gradient")
+    assert_close(probs, probs_ref, dtype, "softmax")
+    assert_close(K.softmax(z[0]), probs_ref[0], dtype, "softmax of one row")
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(5, 4), (1, 3)])
+def test_sim_xent_matches_cpu(shape, dtype, rng):
+    z = (rng.standard_normal(shape) * 3).astype(dtype)
+    _xent_sim_vs_cpu(z, rng.integers(0, shape[1], shape[0]), dtype)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sim_xent_extreme_logits(dtype):
+    _xent_sim_vs_cpu(EXTREME.astype(dtype), EXTREME_LABELS.astype(np.int32), dtype)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(3, 4), (1, 2, 3, 3)])
+def test_sim_mse_matches_cpu(shape, dtype, rng):
+    p = rng.standard_normal(shape).astype(dtype)
+    t = rng.standard_normal(shape).astype(dtype)
+    value, grad = K.mse_forward(p, t), K.mse_backward(p, t)
+    with backend.cpu_path():
+        value_ref, grad_ref = K.mse_forward(p, t), K.mse_backward(p, t)
+    assert value.shape == () and value.dtype == grad.dtype == np.dtype(dtype)
+    assert_close(value, value_ref, dtype, "mse value")
+    assert_close(grad, grad_ref, dtype, "mse gradient")
+
+
+@pytest.mark.sim
+def test_sim_block_sum_many_values(rng):
+    # more values than threads in the block: every thread adds a strided slice before the tree
+    v = rng.standard_normal(1000).astype(np.float32)
+    t = np.zeros_like(v)
+    assert_close(K.mse_forward(v, t), np.mean(v.astype(np.float64) ** 2), "float32", "block sum of 1000")
+
+
+@pytest.mark.sim
+def test_sim_bad_label_poisons_the_loss(rng):
+    # the GPU path does not sync to range-check labels: the kernel marks the row NaN instead of indexing
+    value, g = K.softmax_cross_entropy_forward(rng.standard_normal((3, 4)), np.array([0, 7, 1]))
+    assert np.all(np.isnan(g[1])) and np.all(np.isfinite(g[[0, 2]]))
+    with pytest.raises(FloatingPointError, match=r"train: loss is nan at step 4: .*labels outside \[0, classes\)"):
+        check_finite(value, "train", step=4)
+
+
+@pytest.mark.sim
+def test_sim_losses_forward_backward(rng):
+    z = rng.standard_normal((4, 3)).astype(np.float32)
+    y = np.array([2, 0, 1, 1])
+    loss = SoftmaxCrossEntropy()
+    value, g = loss.forward(z, y), loss.backward()
+    with backend.cpu_path():
+        ref = SoftmaxCrossEntropy()
+        value_ref, g_ref = ref.forward(z, y), ref.backward()
+    assert_close(value, value_ref, "float32", "loss value")
+    assert_close(g, g_ref, "float32", "loss gradient")
+    with pytest.raises(FloatingPointError, match=r"SoftmaxCrossEntropy: loss is nan at step 1"):
+        loss.forward(np.full((4, 3), np.nan, np.float32), y)
