@@ -10,3 +10,8 @@ from .backend import DeviceError, asarray, device, seed, to_numpy, use_device  #
 from . import layers  # noqa: F401
 from . import losses  # noqa: F401
 from . import testing  # noqa: F401
+from . import data, models, optim, viz  # noqa: F401
+from .checkpoint import CheckpointError  # noqa: F401
+from .data import ArrayDataset, Augment  # noqa: F401
+from .model import Sequential  # noqa: F401
+from .profile import profile  # noqa: F401

@@ -153,9 +153,12 @@ def xp(a):
     return _cupy if is_cupy(a) else np
 
 
-def asarray(a, dtype=None):
-    """Put ``a`` on the current device (CuPy on "cuda", NumPy on "cpu"/"sim"), C-contiguous."""
-    if device() == "cuda":
+def asarray(a, dtype=None, device_=None):
+    """Put ``a`` on the current device, or on ``device_`` when given (CuPy on "cuda", NumPy on
+    "cpu"/"sim"), C-contiguous."""
+    if (device_ or device()) == "cuda":
+        if _cupy is None:
+            use_device("cuda")  # says exactly what is missing where there is no usable GPU
         return _cupy.ascontiguousarray(_cupy.asarray(a, dtype=dtype))
     if is_cupy(a):
         a = a.get()

@@ -58,7 +58,9 @@ class Layer:
 
     def to(self, dev: str) -> "Layer":
         """Move parameters and buffers to device ``dev`` ("cpu", "cuda", "sim")."""
-        move = (lambda a: backend.to_numpy(a).copy()) if dev in ("cpu", "sim") else backend.asarray
+        if dev not in backend.DEVICES:
+            raise ValueError(f"{self.name}.to: expected one of {backend.DEVICES}, got {dev!r}")
+        move = lambda a: backend.asarray(a, device_=dev)  # noqa: E731
         for d in (self.params, self.buffers):
             for k, v in d.items():
                 d[k] = move(v)
@@ -137,8 +139,10 @@ def init_uniform(shape, fan_in: int, dtype, rng=None, init="default"):
     if callable(init):
         w = np.asarray(init(shape, rng))
     elif init == "default":
+        # drawn in the layer's dtype: AlexNet's 62M float64 draws would cost seconds
         bound = 1.0 / math.sqrt(fan_in)
-        w = rng.uniform(-bound, bound, size=shape)
+        u = rng.random(size=shape, dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+        w = (u * 2 - 1) * u.dtype.type(bound)
     elif init == "he":
         w = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
     elif init == "glorot":

@@ -1,0 +1,107 @@
+"""The classic networks, built from gpucnn's layers: LeNet-5 and AlexNet (full size, and small for 28/32 px).
+
+    model = gc.models.lenet5()                   # 1x28x28 -> 10 classes, 61,706 parameters
+    model = gc.models.get("alexnet_small", in_channels=3, input_size=32)
+
+Each function returns a :class:`gpucnn.Sequential` with its input shape set, so ``summary()`` shows
+every shape at once. ``seed`` makes the initial weights reproducible (None: gpucnn's default generator).
+``init`` is passed to every Conv2D and Dense: "default" (PyTorch's U(+-1/sqrt(fan_in))), "he", "glorot",
+a callable, or "zeros": no random numbers at all, and memory the OS maps only when first written, so
+``alexnet(init="zeros").summary()`` costs nothing (such a model is for looking at, not for training).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers as L
+from .model import Sequential
+
+__all__ = ["lenet5", "alexnet", "alexnet_small", "get", "MODELS"]
+
+
+def _rng(seed):
+    return np.random.default_rng(seed) if seed is not None else None
+
+
+def _init(init, dtype):
+    if init == "zeros":
+        return lambda shape, rng: np.zeros(shape, dtype)     # already the layer's dtype: kept, not copied
+    return init
+
+
+def lenet5(activation: str = "tanh", pool: str = "avg", num_classes: int = 10, dtype="float32",
+           seed=None, init="default") -> Sequential:
+    """LeCun et al. (1998) for 1x28x28 images (the 32x32 of the paper as 28x28 padded by 2):
+    conv 6@5x5 pad 2, act, pool 2, conv 16@5x5, act, pool 2, then dense 400-120-84-classes."""
+    acts = {"tanh": L.Tanh, "relu": L.ReLU}
+    pools = {"avg": L.AvgPool2D, "max": L.MaxPool2D}
+    if activation not in acts:
+        raise ValueError(f"lenet5: activation must be one of {sorted(acts)}, got {activation!r}")
+    if pool not in pools:
+        raise ValueError(f"lenet5: pool must be one of {sorted(pools)}, got {pool!r}")
+    act, pool_ = acts[activation], pools[pool]
+    rng, init = _rng(seed), _init(init, dtype)
+    return Sequential([
+        L.Conv2D(1, 6, 5, padding=2, dtype=dtype, rng=rng, init=init), act(), pool_(2),    # 6x28x28 -> 6x14x14
+        L.Conv2D(6, 16, 5, dtype=dtype, rng=rng, init=init), act(), pool_(2),              # 16x10x10 -> 16x5x5
+        L.Flatten(),
+        L.Dense(16 * 5 * 5, 120, dtype=dtype, rng=rng, init=init), act(),
+        L.Dense(120, 84, dtype=dtype, rng=rng, init=init), act(),
+        L.Dense(84, num_classes, dtype=dtype, rng=rng, init=init),
+    ], input_shape=(1, 28, 28))
+
+
+def alexnet(num_classes: int = 1000, lrn: bool = True, dtype="float32", seed=None, init="default") -> Sequential:
+    """Krizhevsky et al. (2012) on one GPU ("single tower") for 3x224x224 images: five convolutions
+    (96@11x11/4, 256@5x5, 384, 384, 256 @3x3) with ReLU, local response normalisation after the first
+    two, 3x3/2 max pooling, then dropout and dense 9216-4096-4096-classes. 62,378,344 parameters for
+    1000 classes, 250 MB in float32."""
+    rng, init = _rng(seed), _init(init, dtype)
+    norm = (lambda: [L.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)]) if lrn else (lambda: [])
+    return Sequential([
+        L.Conv2D(3, 96, 11, stride=4, padding=2, dtype=dtype, rng=rng, init=init), L.ReLU(), *norm(),    # 96 x 55 x 55
+        L.MaxPool2D(3, stride=2),                                                            # 96 x 27 x 27
+        L.Conv2D(96, 256, 5, padding=2, dtype=dtype, rng=rng, init=init), L.ReLU(), *norm(),
+        L.MaxPool2D(3, stride=2),                                                            # 256 x 13 x 13
+        L.Conv2D(256, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Conv2D(384, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.MaxPool2D(3, stride=2),                                                            # 256 x 6 x 6
+        L.Flatten(),
+        L.Dropout(0.5, seed=1), L.Dense(256 * 6 * 6, 4096, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Dropout(0.5, seed=2), L.Dense(4096, 4096, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Dense(4096, num_classes, dtype=dtype, rng=rng, init=init),
+    ], input_shape=(3, 224, 224))
+
+
+def alexnet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, dtype="float32",
+                  seed=None, init="default") -> Sequential:
+    """AlexNet's shape scaled to 28x28 (MNIST) or 32x32 (CIFAR-10) images: five 3x3 convolutions
+    (64, 192, 384, 256, 256) with ReLU and three 2x2 max pools, then dropout and dense
+    (256*s*s)-1024-1024-classes, s = input_size // 8 (3 for 28, 4 for 32)."""
+    if not isinstance(input_size, int) or input_size < 8:
+        raise ValueError(f"alexnet_small: input_size must be an int >= 8 (three 2x2 poolings), got {input_size!r}")
+    rng, init = _rng(seed), _init(init, dtype)
+    s = input_size // 2 // 2 // 2
+    return Sequential([
+        L.Conv2D(in_channels, 64, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(64, 192, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(192, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Conv2D(256, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
+        L.Flatten(),
+        L.Dropout(0.5, seed=1), L.Dense(256 * s * s, 1024, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Dropout(0.5, seed=2), L.Dense(1024, 1024, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Dense(1024, num_classes, dtype=dtype, rng=rng, init=init),
+    ], input_shape=(in_channels, input_size, input_size))
+
+
+MODELS = {"lenet5": lenet5, "alexnet": alexnet, "alexnet_small": alexnet_small}
+
+
+def get(name: str, **kw) -> Sequential:
+    """Build a model by name (``"lenet5"``, ``"alexnet"``, ``"alexnet_small"``; "-" may stand for "_")."""
+    key = name.lower().replace("-", "_")
+    if key not in MODELS:
+        raise ValueError(f"models.get: unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[key](**kw)
