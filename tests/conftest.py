@@ -6,6 +6,7 @@ Numba picks simulator or GPU once per process, so the suite runs in two processe
 A test in the wrong process is skipped with a reason that says where it runs.
 """
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ import pytest
 import gpucnn
 from gpucnn import backend
 
-SIM = os.environ.get("GPUCNN_DEVICE", "").lower() == "sim"
+SIM = os.environ.get("GPUCNN_DEVICE", "").strip().lower() == "sim"
+CUDA = os.environ.get("GPUCNN_DEVICE", "").strip().lower() == "cuda"
 if SIM:
     gpucnn.use_device("sim")
-elif not os.environ.get("GPUCNN_DEVICE"):
+elif not CUDA:
     gpucnn.use_device("cpu")          # the CPU suite runs on the CPU even on a GPU machine
 
 GPU_PROBLEM = backend._cuda_problem()
@@ -26,18 +28,21 @@ def pytest_collection_modifyitems(config, items):
     # the registry check must see every other sim test's kernels run: run it last
     items.sort(key=lambda it: it.name == "test_every_registered_kernel_was_exercised")
     for item in items:
-        if "sim" in item.keywords and not SIM:
+        sim, gpu = item.get_closest_marker("sim"), item.get_closest_marker("gpu")
+        if sim and not SIM:
             item.add_marker(pytest.mark.skip(reason="sim test: runs in its own process, GPUCNN_DEVICE=sim pytest -m sim"))
-        elif SIM and "sim" not in item.keywords:
+        elif SIM and not sim:
             item.add_marker(pytest.mark.skip(reason="CPU test: runs in the default process (pytest without GPUCNN_DEVICE=sim)"))
-        elif "gpu" in item.keywords and GPU_PROBLEM:
+        elif CUDA and not gpu:
+            item.add_marker(pytest.mark.skip(reason="CPU test: runs in the default process (pytest without GPUCNN_DEVICE=cuda)"))
+        elif gpu and GPU_PROBLEM:
             item.add_marker(pytest.mark.skip(reason=f"no usable CUDA GPU: {GPU_PROBLEM}"))
 
 
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def tol(dtype):
