@@ -1,2 +1,95 @@
-"""(being written)"""
-__all__ = []
+"""Conv2D: a 2-D convolution layer (cross-correlation, as PyTorch) on NCHW images."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import conv as K
+from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
+
+__all__ = ["Conv2D"]
+
+
+class Conv2D(Layer):
+    """``y = conv(x, weight) + bias``: weight (out_channels, in_channels, KH, KW), bias (out_channels,).
+
+    ``kernel_size``, ``stride`` and ``padding`` are an int or an (H, W) pair; padding is zeros. Output size
+    per axis: O = floor((W - K + 2P) / S) + 1. Set ``needs_input_grad = False`` on a network's first layer:
+    backward then skips the input gradient (nothing upstream wants it) and returns None.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 dtype="float32", init="default", rng=None):
+        super().__init__()
+        for what, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"Conv2D: {what} must be an int, got {v!r}")
+            if v < 1:
+                raise ValueError(f"Conv2D: {what} must be positive, got {v}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = pair(kernel_size, "kernel_size", "Conv2D")
+        self.stride = pair(stride, "stride", "Conv2D")
+        self.padding = pair(padding, "padding", "Conv2D")
+        if min(self.kernel_size) < 1:
+            raise ValueError(f"Conv2D: kernel_size must be positive, got {kernel_size!r}")
+        if min(self.stride) < 1:
+            raise ValueError(f"Conv2D: stride must be positive, got {stride!r}")
+        if min(self.padding) < 0:
+            raise ValueError(f"Conv2D: padding must be zero or positive, got {padding!r}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"Conv2D: dtype must be float32 or float64, got {self.dtype.name}")
+        self.bias = bool(bias)
+        self.init = init
+        self.needs_input_grad = True
+
+        KH, KW = self.kernel_size
+        fan_in = self.in_channels * KH * KW
+        self.params["weight"] = init_uniform((self.out_channels, self.in_channels, KH, KW), fan_in,
+                                             self.dtype, rng, init)
+        if self.bias:
+            self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
+        self.grads = {k: None for k in self.params}
+        self._col = self._x_shape = self._y_shape = None
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"Conv2D: expected an input shape (C, H, W), got {tuple(input_shape)}")
+        C, H, W = input_shape
+        if C != self.in_channels:
+            raise ValueError(f"Conv2D: expected {self.in_channels} input channels, got {C} "
+                             f"(input shape {tuple(input_shape)})")
+        (KH, KW), (SH, SW), (PH, PW) = self.kernel_size, self.stride, self.padding
+        OH = conv_output_size("Conv2D", H, KH, SH, PH, "height")
+        OW = conv_output_size("Conv2D", W, KW, SW, PW, "width")
+        return (self.out_channels, OH, OW)
+
+    def forward(self, x, training=True):
+        check_input("Conv2D", x, 4, "(N, C, H, W)", self.dtype, self.in_channels)
+        w = self.params["weight"]
+        check_same_device("Conv2D", x, w)
+        out = self.output_shape(tuple(x.shape[1:]))
+        y, self._col = K.conv2d_forward(x, w, self.params.get("bias"), self.stride, self.padding)
+        self._x_shape = tuple(x.shape)
+        self._y_shape = (x.shape[0],) + out
+        return y
+
+    def backward(self, gy):
+        col = self._need("_col")
+        if tuple(gy.shape) != self._y_shape:
+            raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
+                             f"expected the forward output's {self._y_shape}")
+        if gy.dtype != col.dtype:
+            raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {col.dtype} as the forward output")
+        gx, gw, gb = K.conv2d_backward(self._x_shape, col, self.params["weight"], gy, self.stride, self.padding,
+                                       need_gx=self.needs_input_grad, need_gb=self.bias)
+        self.grads["weight"] = gw
+        if self.bias:
+            self.grads["bias"] = gb
+        return gx
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "bias": self.bias, "dtype": self.dtype.name,
+                # a callable initialiser cannot be saved; a loaded model's weights replace it anyway
+                "init": self.init if isinstance(self.init, str) else "default"}

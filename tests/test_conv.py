@@ -1,0 +1,376 @@
+"""Conv2D: finite differences, a nested-loop reference (hypothesis), PyTorch, the GPU path ("sim") against
+the CPU, and every error message."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from gpucnn import backend, layers as L
+from gpucnn.kernels import conv as K
+from gpucnn.testing import check_backward
+from conftest import assert_close
+
+
+def reference_conv(x, w, b, stride, padding):
+    """The definition, one output element at a time (tiny sizes only)."""
+    N, C, H, W = x.shape
+    Cout, _, KH, KW = w.shape
+    (SH, SW), (PH, PW) = stride, padding
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    y = np.zeros((N, Cout, OH, OW))
+    for n, o, oh, ow in np.ndindex(N, Cout, OH, OW):
+        acc = 0.0 if b is None else b[o]
+        for c, kh, kw in np.ndindex(C, KH, KW):
+            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
+            if 0 <= h < H and 0 <= w_ < W:
+                acc += w[o, c, kh, kw] * x[n, c, h, w_]
+        y[n, o, oh, ow] = acc
+    return y
+
+
+def reference_conv_backward(x, w, gy, stride, padding):
+    """gx, gw, gb of the definition: every product x * w of the forward sends gy to both factors."""
+    N, C, H, W = x.shape
+    Cout, _, KH, KW = w.shape
+    (SH, SW), (PH, PW) = stride, padding
+    gx, gw = np.zeros(x.shape), np.zeros(w.shape)
+    for n, o, oh, ow in np.ndindex(*gy.shape):
+        for c, kh, kw in np.ndindex(C, KH, KW):
+            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
+            if 0 <= h < H and 0 <= w_ < W:
+                gx[n, c, h, w_] += gy[n, o, oh, ow] * w[o, c, kh, kw]
+                gw[o, c, kh, kw] += gy[n, o, oh, ow] * x[n, c, h, w_]
+    return gx, gw, gy.sum(axis=(0, 2, 3))
+
+
+# (layer arguments, input shape): each a case the index arithmetic could get wrong
+CASES = {
+    "plain": (dict(in_channels=2, out_channels=3, kernel_size=3), (2, 2, 5, 5)),
+    "stride 2": (dict(in_channels=2, out_channels=3, kernel_size=3, stride=2), (2, 2, 7, 6)),
+    "padding 1": (dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), (2, 2, 4, 4)),
+    "stride and padding per axis": (dict(in_channels=2, out_channels=3, kernel_size=(3, 2), stride=(2, 1),
+                                         padding=(1, 0)), (2, 2, 5, 6)),
+    "non-square input and kernel": (dict(in_channels=1, out_channels=2, kernel_size=(2, 3)), (2, 1, 4, 6)),
+    "batch 1": (dict(in_channels=2, out_channels=2, kernel_size=3, padding=1), (1, 2, 4, 5)),
+    "kernel as large as the padded input": (dict(in_channels=2, out_channels=2, kernel_size=(6, 5), padding=1),
+                                            (2, 2, 4, 3)),
+    "stride larger than kernel": (dict(in_channels=1, out_channels=2, kernel_size=2, stride=3), (2, 1, 7, 8)),
+    "no bias": (dict(in_channels=2, out_channels=3, kernel_size=3, bias=False), (2, 2, 5, 4)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_backward(case, rng):
+    kw, shape = CASES[case]
+    layer = L.Conv2D(**kw, rng=rng)
+    report = check_backward(layer, rng.standard_normal(shape))
+    assert set(report) == {"x", "weight"} | ({"bias"} if kw.get("bias", True) else set())
+
+
+@settings(max_examples=200, deadline=None)
+@given(N=st.integers(1, 3), C=st.integers(1, 3), Cout=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(1, 7),
+       KH=st.integers(1, 4), KW=st.integers(1, 4), SH=st.integers(1, 3), SW=st.integers(1, 3),
+       PH=st.integers(0, 2), PW=st.integers(0, 2), bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_matches_nested_loops(N, C, Cout, H, W, KH, KW, SH, SW, PH, PW, bias, seed):
+    rng = np.random.default_rng(seed)
+    layer = L.Conv2D(C, Cout, (KH, KW), (SH, SW), (PH, PW), bias=bias, dtype="float64", rng=rng)
+    x = rng.standard_normal((N, C, H, W))
+    if H + 2 * PH < KH or W + 2 * PW < KW:
+        with pytest.raises(ValueError, match="Conv2D: kernel .* is larger than the padded input"):
+            layer.output_shape((C, H, W))
+        with pytest.raises(ValueError, match="Conv2D: kernel .* is larger than the padded input"):
+            layer.forward(x)
+        return
+    y = layer.forward(x)
+    formula = (N, Cout, (H - KH + 2 * PH) // SH + 1, (W - KW + 2 * PW) // SW + 1)
+    assert y.shape == formula == (N,) + layer.output_shape((C, H, W))
+    w, b = layer.params["weight"], layer.params.get("bias")
+    assert_close(y, reference_conv(x, w, b, (SH, SW), (PH, PW)), "float64", "forward")
+    gy = rng.standard_normal(y.shape)
+    gx = layer.backward(gy)
+    rgx, rgw, rgb = reference_conv_backward(x, w, gy, (SH, SW), (PH, PW))
+    assert_close(gx, rgx, "float64", "gx")
+    assert_close(layer.grads["weight"], rgw, "float64", "gw")
+    if bias:
+        assert_close(layer.grads["bias"], rgb, "float64", "gb")
+
+
+@settings(max_examples=100, deadline=None)
+@given(N=st.integers(1, 2), C=st.integers(1, 2), H=st.integers(1, 6), W=st.integers(1, 6), KH=st.integers(1, 3),
+       KW=st.integers(1, 3), SH=st.integers(1, 3), SW=st.integers(1, 3), PH=st.integers(0, 1), PW=st.integers(0, 1),
+       seed=st.integers(0, 2**32 - 1))
+def test_col2im_is_the_adjoint_of_im2col(N, C, H, W, KH, KW, SH, SW, PH, PW, seed):
+    # <im2col(x), c> == <x, col2im(c)>: col2im adds back exactly what im2col copied, nothing else
+    assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W))
+    col = K.im2col(x, KH, KW, (SH, SW), (PH, PW))
+    c = rng.standard_normal(col.shape)
+    back = K.col2im(c, x.shape, KH, KW, (SH, SW), (PH, PW))
+    assert back.shape == x.shape
+    assert np.isclose((col * c).sum(), (x * back).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_im2col_layout(rng):
+    # documented layout: col[(c, kh, kw), (oh, ow, n)] = xpad[n, c, oh*SH + kh, ow*SW + kw]
+    x = rng.standard_normal((2, 2, 5, 6))
+    col = K.im2col(x, 3, 2, (2, 1), (1, 0))
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    OH, OW = 3, 5
+    assert col.shape == (2 * 3 * 2, OH * OW * 2)
+    for c, kh, kw, oh, ow, n in np.ndindex(2, 3, 2, OH, OW, 2):
+        assert col[(c * 3 + kh) * 2 + kw, (oh * OW + ow) * 2 + n] == xpad[n, c, oh * 2 + kh, ow + kw]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 0)), ((1, 3), (2, 1))])
+@pytest.mark.parametrize("channels", [(3, 4), (12, 16)])   # 16 x 72 weights: the CPU's single-GEMM path
+def test_against_torch(channels, stride, padding, dtype, rng):
+    torch = pytest.importorskip("torch")
+    layer = L.Conv2D(*channels, (3, 2), stride, padding, dtype=dtype, rng=rng)
+    x = rng.standard_normal((2, channels[0], 7, 6)).astype(dtype)
+    y = layer.forward(x)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx = layer.backward(gy)
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(layer.params["weight"], requires_grad=True)
+    tb = torch.tensor(layer.params["bias"], requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=padding)
+    ty.backward(torch.tensor(gy))
+    assert y.dtype == gx.dtype == layer.grads["weight"].dtype == layer.grads["bias"].dtype == np.dtype(dtype)
+    assert_close(y, ty.detach().numpy(), dtype, "forward")
+    assert_close(gx, tx.grad.numpy(), dtype, "gx")
+    assert_close(layer.grads["weight"], tw.grad.numpy(), dtype, "gw")
+    assert_close(layer.grads["bias"], tb.grad.numpy(), dtype, "gb")
+
+
+def test_first_layer_skips_the_input_gradient(rng):
+    layer = L.Conv2D(1, 2, 3, rng=rng)
+    x = rng.standard_normal((2, 1, 5, 5)).astype(np.float32)
+    gy = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    layer.forward(x)
+    layer.backward(gy)
+    gw = layer.grads["weight"].copy()
+    layer.needs_input_grad = False
+    assert layer.backward(gy) is None
+    assert_close(layer.grads["weight"], gw, "float32", "gw without gx")
+
+
+def test_backward_overwrites_grads(rng):
+    layer = L.Conv2D(2, 2, 2, rng=rng)
+    x = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((1, 2, 2, 2)).astype(np.float32)
+    layer.forward(x)
+    layer.backward(gy)
+    first = layer.grads["weight"].copy()
+    layer.backward(gy)
+    assert_close(layer.grads["weight"], first, "float32", "second backward")
+
+
+def test_kernel_functions_with_activation_and_no_bias(rng):
+    x = rng.standard_normal((2, 2, 5, 5))
+    w = rng.standard_normal((3, 2, 3, 3))
+    y, col = K.conv2d_forward(x, w, None, 1, 1, activation="relu")
+    assert_close(y, np.maximum(reference_conv(x, w, None, (1, 1), (1, 1)), 0), "float64", "relu(conv)")
+    gy = rng.standard_normal(y.shape)
+    gx, gw, gb = K.conv2d_backward(x.shape, col, w, gy, 1, 1, need_gx=False, need_gb=False)
+    assert gx is None and gb is None
+    ref_gx, ref_gw, _ = reference_conv_backward(x, w, gy, (1, 1), (1, 1))
+    assert_close(gw, ref_gw, "float64", "gw")
+    gx, gw, gb = K.conv2d_backward(x.shape, col, w, gy, 1, 1, need_gw=False, need_gb=False)
+    assert gw is None and gb is None
+    assert_close(gx, ref_gx, "float64", "gx alone")
+
+
+@pytest.mark.parametrize("Cout,N", [(1, 8), (4, 1)])     # the CPU's weight gradient: by output rows, one GEMM
+def test_weight_gradient_both_cpu_paths(Cout, N, rng):
+    x = rng.standard_normal((N, 2, 6, 5))
+    w = rng.standard_normal((Cout, 2, 3, 3))
+    _, col = K.conv2d_forward(x, w, None, 1, 1)
+    gy = rng.standard_normal((N, Cout, 6, 5))
+    _, gw, _ = K.conv2d_backward(x.shape, col, w, gy, 1, 1, need_gx=False, need_gb=False)
+    assert_close(gw, reference_conv_backward(x, w, gy, (1, 1), (1, 1))[1], "float64", "gw")
+
+
+def test_params_init_and_config(rng):
+    layer = L.Conv2D(3, 5, (3, 2), stride=(2, 1), padding=1, rng=rng)
+    w, b = layer.params["weight"], layer.params["bias"]
+    assert w.shape == (5, 3, 3, 2) and b.shape == (5,) and w.dtype == b.dtype == np.float32
+    bound = 1 / np.sqrt(3 * 3 * 2)       # PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound and np.abs(w).max() > bound / 2
+    assert layer.num_params() == 5 * 3 * 3 * 2 + 5
+    config = json.loads(json.dumps(layer.config()))
+    assert config == {"in_channels": 3, "out_channels": 5, "kernel_size": [3, 2], "stride": [2, 1],
+                      "padding": [1, 1], "bias": True, "dtype": "float32", "init": "default"}
+    assert L.Conv2D(**config).config() == config
+    assert "bias" not in L.Conv2D(3, 5, 3, bias=False).params
+    assert layer.output_shape((3, 9, 8)) == (5, 5, 9)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="Conv2D: in_channels must be positive, got 0"):
+        L.Conv2D(0, 2, 3)
+    with pytest.raises(ValueError, match="Conv2D: out_channels must be positive, got -1"):
+        L.Conv2D(1, -1, 3)
+    with pytest.raises(TypeError, match="Conv2D: in_channels must be an int, got 2.0"):
+        L.Conv2D(2.0, 1, 3)
+    with pytest.raises(ValueError, match=r"Conv2D: kernel_size must be positive, got \(3, 0\)"):
+        L.Conv2D(1, 1, (3, 0))
+    with pytest.raises(ValueError, match="Conv2D: stride must be positive, got 0"):
+        L.Conv2D(1, 1, 3, stride=0)
+    with pytest.raises(ValueError, match=r"Conv2D: padding must be zero or positive, got \(-1, 0\)"):
+        L.Conv2D(1, 1, 3, padding=(-1, 0))
+    with pytest.raises(TypeError, match="Conv2D: kernel_size must be an int or a pair of ints, got 2.5"):
+        L.Conv2D(1, 1, 2.5)
+    with pytest.raises(TypeError, match=r"Conv2D: stride must be an int or a pair of ints, got \(1, 2, 3\)"):
+        L.Conv2D(1, 1, 3, stride=(1, 2, 3))
+    with pytest.raises(TypeError, match="Conv2D: dtype must be float32 or float64, got int32"):
+        L.Conv2D(1, 1, 3, dtype="int32")
+
+
+def test_input_errors():
+    layer = L.Conv2D(2, 3, 3)
+    with pytest.raises(ValueError, match=r"Conv2D: expected a 4-d input \(N, C, H, W\), got shape \(2, 5, 5\)"):
+        layer.forward(np.ones((2, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"Conv2D: expected 2 input channels, got 3 \(input shape \(1, 3, 5, 5\)\)"):
+        layer.forward(np.ones((1, 3, 5, 5), np.float32))
+    with pytest.raises(TypeError, match="Conv2D: input is float64 but the layer's parameters are float32"):
+        layer.forward(np.ones((1, 2, 5, 5)))
+    with pytest.raises(TypeError, match="Conv2D: expected a float input .* got uint8"):
+        layer.forward(np.ones((1, 2, 5, 5), np.uint8))
+    with pytest.raises(TypeError, match="Conv2D: expected an array"):
+        layer.forward([[1.0]])
+    with pytest.raises(ValueError, match=r"Conv2D: expected an input shape \(C, H, W\), got \(2, 5\)"):
+        layer.output_shape((2, 5))
+    with pytest.raises(ValueError, match="Conv2D: expected 2 input channels, got 4"):
+        layer.output_shape((4, 5, 5))
+
+
+@pytest.mark.parametrize("what", ["forward", "output_shape"])
+def test_kernel_larger_than_padded_input(what):
+    layer = L.Conv2D(1, 1, (3, 5), padding=(0, 1))
+    # width: 2 + 2*1 = 4 < 5, so O = (2 - 5 + 2*1)/1 + 1 = 0
+    expected = (r"Conv2D: kernel 5 is larger than the padded input along width \(input 2 \+ 2\*padding 1 = 4\): "
+                r"the output size O = \(W - K \+ 2P\)/S \+ 1 = \(2 - 5 \+ 2\*1\)/1 \+ 1 = 0 < 1")
+    with pytest.raises(ValueError, match=expected):
+        if what == "forward":
+            layer.forward(np.ones((1, 1, 3, 2), np.float32))
+        else:
+            layer.output_shape((1, 3, 2))
+    with pytest.raises(ValueError, match="conv: kernel 5 is larger than the padded input 2 \\+ 2\\*1"):
+        K.im2col(np.ones((1, 1, 3, 2)), 3, 5, 1, (0, 1))
+
+
+def test_backward_errors(rng):
+    layer = L.Conv2D(2, 3, 3)
+    with pytest.raises(RuntimeError, match="Conv2D: backward called before forward"):
+        layer.backward(np.ones((1, 3, 3, 3), np.float32))
+    layer.forward(rng.standard_normal((1, 2, 5, 5)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"Conv2D: backward got a gradient of shape \(1, 3, 3, 4\), "
+                                         r"expected the forward output's \(1, 3, 3, 3\)"):
+        layer.backward(np.ones((1, 3, 3, 4), np.float32))
+    with pytest.raises(TypeError, match="Conv2D: backward got a float64 gradient, expected float32"):
+        layer.backward(np.ones((1, 3, 3, 3)))
+
+
+# ------------------------------------------------------------------------------------------ GPU path on "sim"
+# Tiny shapes: every simulated thread costs ~150 us. 5x6 input, 3x2 kernel, stride (2, 1), padding (1, 0):
+# OH, OW = 3, 5 and col has 2*3*2 x 3*5*2 = 360 entries.
+SIM_STRIDE, SIM_PAD = (2, 1), (1, 0)
+
+
+def _sim_inputs(rng, dtype, N=2, C=2, Cout=3):
+    x = rng.standard_normal((N, C, 5, 6)).astype(dtype)
+    w = rng.standard_normal((Cout, C, 3, 2)).astype(dtype)
+    b = rng.standard_normal(Cout).astype(dtype)
+    return x, w, b
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 2), SIM_STRIDE, SIM_PAD),
+                                                   ((2, 2), (3, 3), (0, 1))])   # stride > kernel: gaps
+def test_sim_im2col_col2im(kernel, stride, padding, dtype, rng):
+    x, _, _ = _sim_inputs(rng, dtype)
+    col = K.im2col(x, *kernel, stride, padding)
+    c = rng.standard_normal(col.shape).astype(dtype)
+    back = K.col2im(c, x.shape, *kernel, stride, padding)
+    with backend.cpu_path():
+        col_ref = K.im2col(x, *kernel, stride, padding)
+        back_ref = K.col2im(c, x.shape, *kernel, stride, padding)
+    assert col.dtype == back.dtype == np.dtype(dtype)
+    assert_close(col, col_ref, dtype, "im2col")
+    assert_close(back, back_ref, dtype, "col2im")
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias,activation", [(True, "identity"), (False, "identity"), (True, "tanh"),
+                                             (False, "leaky_relu")])
+def test_sim_forward(bias, activation, dtype, rng):
+    x, w, b = _sim_inputs(rng, dtype, N=1 if bias else 2)
+    b = b if bias else None
+    y, col = K.conv2d_forward(x, w, b, SIM_STRIDE, SIM_PAD, activation, 0.1)
+    with backend.cpu_path():
+        y_ref, col_ref = K.conv2d_forward(x, w, b, SIM_STRIDE, SIM_PAD, activation, 0.1)
+    assert y.dtype == np.dtype(dtype)
+    assert_close(y, y_ref, dtype, f"forward ({activation})")
+    assert_close(col, col_ref, dtype, "col")
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("need_gx", [True, False])
+def test_sim_backward(need_gx, dtype, rng):
+    x, w, _ = _sim_inputs(rng, dtype, C=1 if need_gx else 2)
+    with backend.cpu_path():
+        _, col = K.conv2d_forward(x, w, None, SIM_STRIDE, SIM_PAD)
+    gy = rng.standard_normal((x.shape[0], w.shape[0], 3, 5)).astype(dtype)
+    gx, gw, gb = K.conv2d_backward(x.shape, col, w, gy, SIM_STRIDE, SIM_PAD, need_gx=need_gx)
+    with backend.cpu_path():
+        gx_ref, gw_ref, gb_ref = K.conv2d_backward(x.shape, col, w, gy, SIM_STRIDE, SIM_PAD, need_gx=need_gx)
+    assert_close(gw, gw_ref, dtype, "gw")
+    assert_close(gb, gb_ref, dtype, "gb")
+    if need_gx:
+        assert gx.dtype == np.dtype(dtype)
+        assert_close(gx, gx_ref, dtype, "gx")
+    else:
+        assert gx is None and gx_ref is None
+
+
+@pytest.mark.sim
+def test_sim_bias_grad_long_rows(rng):
+    # 300 numbers a row: each of the 256 threads of a block sums one or two, then the tree reduction
+    gy2 = rng.standard_normal((1, 300))
+    assert_close(K._bias_grad(gy2), gy2.sum(axis=1), "float64", "bias gradient")
+
+
+@pytest.mark.sim
+def test_sim_layer_matches_cpu(rng):
+    layer = L.Conv2D(2, 3, (3, 2), SIM_STRIDE, SIM_PAD, rng=rng)
+    x = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    y = layer.forward(x)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = layer.backward(gy)
+    gw, gb = layer.grads["weight"].copy(), layer.grads["bias"].copy()
+    with backend.cpu_path():
+        assert_close(y, layer.forward(x), "float32", "forward")
+        assert_close(gx, layer.backward(gy), "float32", "gx")
+    assert_close(gw, layer.grads["weight"], "float32", "gw")
+    assert_close(gb, layer.grads["bias"], "float32", "gb")
+
+
+@pytest.mark.sim
+def test_sim_shape_error_same_as_cpu():
+    layer = L.Conv2D(1, 1, 4)
+    x = np.ones((1, 1, 3, 5), np.float32)
+    assert backend.on_gpu(x)
+    with pytest.raises(ValueError, match="Conv2D: kernel 4 is larger than the padded input along height") as gpu:
+        layer.forward(x)
+    with backend.cpu_path():
+        with pytest.raises(ValueError) as cpu:
+            layer.forward(x)
+    assert str(gpu.value) == str(cpu.value)
