@@ -20,4 +20,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${GPUCNN_DATA:-}" ] && [ 
 fi
 gpucnn info
 exec gpucnn train lenet5 --dataset fashion-mnist --epochs 10 --batch-size 128 --optimizer sgd --lr 0.05 \
-  --momentum 0.9 --weight-decay 5e-4 --out runs/lenet5-fashion-mnist "$@"
+  --momentum 0.9 --weight-decay 5e-4 --out "runs/lenet5-fashion-mnist-$(date +%Y%m%d-%H%M%S)" "$@"
