@@ -1,0 +1,192 @@
+"""The lecture, runnable: every example in examples/ runs with --quick on the CPU in its own process, exits
+0, writes pictures that are not blank, and prints the facts the lecture states (output sizes, parameter
+counts, the weight-sharing identity, the edge detectors' response to the step image, ...), asserted here.
+
+Each example runs once per test session (a module fixture); the tests then read what it printed and wrote.
+Without Fashion-MNIST installed, the examples read a small random set in the same files instead."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpucnn import data
+from test_data import write_idx_set
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = {                                     # example -> the pictures it writes
+    "output_size_and_parameters": ["output_size_and_parameters.png"],
+    "edge_detectors": ["edge_detectors.png"],
+    "weight_sharing": ["weight_sharing.png"],
+    "train_lenet5": ["curves.png"],
+    "train_alexnet_small": ["curves.png"],
+    "what_the_cnn_sees": ["filters.png", "feature_maps.png", "top5.png", "nearest_neighbours.png"],
+    "deconvnet": ["deconv_conv1.png", "deconv_conv2.png"],
+    "invariance": ["invariance.png", "invariance_features.png"],
+    "custom_layer": ["custom_layer.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def data_env(tmp_path_factory):
+    """The environment the examples run in: Fashion-MNIST where it is installed, else a random stand-in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUCNN_DEVICE", "NUMBA_ENABLE_CUDASIM")}
+    env["PYTHONPATH"] = str(REPO)
+    try:
+        data.locate("fashion-mnist")
+    except FileNotFoundError:
+        root = tmp_path_factory.mktemp("gpucnn-data")
+        write_idx_set(root / "fashion-mnist", np.random.default_rng(0), n_train=2500, n_test=1200, size=(28, 28))
+        env["GPUCNN_DATA"] = str(root)
+    return env
+
+
+_runs = {}
+
+
+@pytest.fixture
+def run(data_env, tmp_path_factory):
+    """run(name) -> (stdout, out folder) of ``python examples/NAME.py --quick --device cpu --out DIR``,
+    run once per session; a non-zero exit fails with the example's stderr."""
+    def run_(name):
+        if name not in _runs:
+            out = tmp_path_factory.mktemp(name)
+            done = subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--device", "cpu",
+                                   "--out", str(out)], cwd=REPO, env=data_env, capture_output=True, text=True,
+                                  timeout=600)
+            _runs[name] = (done.returncode, done.stdout, done.stderr, out)
+        code, stdout, stderr, out = _runs[name]
+        assert code == 0, f"examples/{name}.py --quick exited {code}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        return stdout, out
+    return run_
+
+
+def lines(stdout, pattern):
+    found = re.findall(pattern, stdout, re.M)
+    assert found, f"no line matching {pattern!r} in:\n{stdout}"
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_runs_and_its_pictures_are_not_blank(run, name):
+    import matplotlib.image
+    stdout, out = run(name)
+    for png in EXAMPLES[name]:
+        path = out / png
+        assert path.is_file(), f"{name} did not write {png}"
+        assert f"saved {path}" in stdout
+        pixels = matplotlib.image.imread(str(path))
+        assert min(pixels.shape[:2]) > 200, f"{png} is only {pixels.shape[:2]} pixels"
+        assert pixels[..., :3].var() > 2e-3, f"{png} is blank (pixel variance {pixels[..., :3].var():.2e})"
+
+
+def test_output_sizes_equal_real_forward_passes(run):
+    stdout, _ = run("output_size_and_parameters")
+    rows = lines(stdout, r"^W=(\d+) K=(\d+) S=(\d+) P=(\d+): O = .* = (\d+)(?: \(rounded down from [\d.]+\))?, "
+                         r"forward pass gives (\d+)x(\d+)$")
+    assert len(rows) == 30
+    for W, K, S, P, O, oh, ow in (tuple(map(int, r)) for r in rows):
+        assert O == oh == ow == (W - K + 2 * P) // S + 1, (W, K, S, P)
+    assert ("224", "11", "4", "2", "55", "55", "55") in rows          # AlexNet's first layer
+
+
+def test_parameter_counts_of_the_lecture(run):
+    stdout, _ = run("output_size_and_parameters")
+    lines(stdout, r"^Conv2D\(1, 8, 5\): weight \(8, 1, 5, 5\), bias \(8,\), output 24x24 \(8 maps\), 208 parameters$")
+    lines(stdout, r"^Conv2D\(3, 5, 5, padding=2\): 5\*5\*3\*5 \+ 5 = 380 parameters, output \(5, 128, 128\)$")
+    lines(stdout, r"^Dense\(49152, 81920\): weight \(81920, 49152\), bias \(81920,\): .* = 4,026,613,760 parameters")
+    assert lines(stdout, r"^Total parameters: ([\d,]+)") == ["61,706", "62,378,344"]      # LeNet-5, AlexNet
+
+
+def test_edge_detectors_on_the_step_image(run):
+    stdout, _ = run("edge_detectors")
+    lines(stdout, r"^vertical detector on the step image: nonzero only in output columns \[4, 5\] "
+                  r"\(windows over input columns 4\.\.7, where the step is\), values \[-3\.0\]$")
+    lines(stdout, r"^horizontal detector on the step image: all zero \(max \|response\| 0\)$")
+    # the printed 6x9 vertical response: -3 in columns 4 and 5 of every row, 0 elsewhere
+    block = stdout.split("vertical detector's response (6x9):\n")[1].split("\n")[:6]
+    expected = np.zeros((6, 9), int)
+    expected[:, 4:6] = -3
+    assert np.array([[int(v) for v in re.findall(r"-?\d+", row)] for row in block]).tolist() == expected.tolist()
+
+
+def test_weight_sharing_identity(run):
+    stdout, _ = run("weight_sharing")
+    y_diff = float(lines(stdout, r"computes the same y: max \|difference\| (\S+)$")[0])
+    identity = float(lines(stdout, r"^weight-sharing identity: max \|conv gradient - sum over positions of the "
+                                   r"locally connected gradients\| = (\S+) ")[0])
+    fd = float(lines(stdout, r"^finite differences: max \|conv gradient - finite differences\| = (\S+)$")[0])
+    assert y_diff < 1e-12 and identity < 1e-12 and fd < 1e-6
+    lines(stdout, r"^gpucnn\.testing\.check_backward\(Conv2D\): worst relative error")
+    pattern = (r"^(upper path|lower path|sum of both paths|gpucnn Conv2D\(1, 1, 1\) gradient|"
+               r"finite difference of l\(w\)) .*= ([-+\d.]+)")
+    paths = {name: float(v) for name, v in lines(stdout, pattern)}
+    assert paths["upper path"] * paths["lower path"] != 0
+    assert paths["sum of both paths"] == pytest.approx(paths["upper path"] + paths["lower path"], abs=2e-6)
+    assert paths["gpucnn Conv2D(1, 1, 1) gradient"] == pytest.approx(paths["sum of both paths"], abs=2e-6)
+    assert paths["finite difference of l(w)"] == pytest.approx(paths["sum of both paths"], abs=2e-6)
+    plain, averaged = map(float, lines(stdout, r"plain sum \(gpucnn, PyTorch\) w := ([\d.]+); .* = ([\d.]+) ")[0])
+    assert 0.6 - averaged == pytest.approx((0.6 - plain) / 2, abs=2e-6)
+
+
+def test_custom_layer_checks_pass(run):
+    stdout, out = run("custom_layer")
+    lines(stdout, r"^check_backward\(PReLU\): passed")
+    sim = lines(stdout, r"^  \| GPU kernels on sim against the CPU twin, (float32|float64): .*forward (\S+), "
+                        r"input gradient (\S+), slope gradient (\S+)$")
+    assert [r[0] for r in sim] == ["float32", "float64"]
+    for dtype, *errors in sim:
+        assert max(map(float, errors)) <= (2e-4 if dtype == "float32" else 1e-7)
+    lines(stdout, r"^  \| GPU path agrees with the CPU path: True$")
+    loaded = lines(stdout, r"^loaded prelu_cnn\.npz: layer classes (.*); max \|logits difference\| .* (\S+)$")[0]
+    assert "'PReLU'" in loaded[0] and float(loaded[1]) <= 1e-6
+    assert len(lines(stdout, r"^layer \d PReLU\(\d+\) learned slopes")) == 2
+
+
+@pytest.mark.parametrize("name, params", [("train_lenet5", 61706), ("train_alexnet_small", 5670602)])
+def test_training_examples_save_a_model_that_loads(run, name, params):
+    from gpucnn.model import Sequential
+    stdout, out = run(name)
+    accuracy = float(lines(stdout, r"^test accuracy: ([01]\.\d{4}),")[0])
+    assert 0 <= accuracy <= 1
+    model = Sequential.load(str(out / "model.npz"))
+    assert model.num_params() == params
+    assert (out / "history.json").is_file()
+
+
+def test_what_the_cnn_sees_prints_what_it_draws(run):
+    stdout, _ = run("what_the_cnn_sees")
+    lines(stdout, r"^first conv layer's kernels: \(6, 1, 5, 5\)$")
+    lines(stdout, r"^feature maps of test image 0 \(.*\) at the conv layers: \[\(6, 28, 28\), \(16, 10, 10\)\]$")
+    top5 = lines(stdout, r"^test image \d+ \(.*\): top-5 (.*)$")
+    assert len(top5) == 8
+    for row in top5:
+        probs = [float(p) for p in re.findall(r" (\d\.\d\d)(?:,|$)", row)]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+    neighbours = lines(stdout, r"^test image \d+ \(.*\): nearest training images \[([\d, ]+)\]")
+    assert len(neighbours) == 5 and all(len(n.split(",")) == 6 for n in neighbours)
+
+
+def test_deconvnet_patterns_stay_in_their_receptive_fields(run):
+    stdout, _ = run("deconvnet")
+    found = lines(stdout, r"^conv layer (\d) \(model layer \d\) map \d+: .*pattern nonzero only inside it: (\w+)$")
+    assert {layer for layer, _ in found} == {"1", "2"}
+    assert all(inside == "True" for _, inside in found)
+
+
+def test_invariance_conv_maps_are_equivariant_not_invariant(run):
+    stdout, _ = run("invariance")
+    for kind in ("shift", "rotation", "scale"):
+        lines(stdout, rf"^accuracy under {kind} \(200 test images\): ")
+    equi = lines(stdout, r"^conv1 maps of the shifted image against the original's maps shifted the same way"
+                         r".*: (.*)$")[0]
+    values = [float(v) for v in re.findall(r"d=\d+ ([\d.]+)", equi)]
+    assert len(values) == 9 and min(values) >= 0.999            # shifted maps are the maps shifted
+    in_place = lines(stdout, r"^ +conv1: (.*)$")[0]
+    values = [float(v) for v in re.findall(r"d=\d+ ([\d.]+)", in_place)]
+    assert values[0] == pytest.approx(1.0) and max(values[4:]) < 0.99     # compared in place they differ
