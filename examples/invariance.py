@@ -202,9 +202,9 @@ def picture_features(model, images, points, shifts, similarity, equivariance):
     ax.set_ylim(min(0.0, min(min(v) for v in similarity.values())), 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    right.suptitle("features compared in place: no layer is invariant; small shifts (1-2 px) change each\n"
-                   "pooling's output less than the conv maps before it, and the last hidden layer least "
-                   f"(mean over {len(images)} test images)", fontsize=10)
+    right.suptitle("features compared in place: no layer is invariant;\n"
+                   "small shifts (1-2 px) change each pooling's output less than the conv maps\n"
+                   f"before it, and the last hidden layer least (mean over {len(images)} test images)", fontsize=10)
     return fig
 
 
