@@ -13,6 +13,7 @@ so ``import gpucnn`` works on a laptop with no CUDA at all.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import os
@@ -68,7 +69,17 @@ def _import_numba_cuda(simulate: bool):
     elif simulate:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
         numba.config.ENABLE_CUDASIM = 1
+    else:
+        os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")   # see below
     from numba import cuda
+    if not simulate:
+        # Numba would otherwise synchronise the stream a CuPy array names (CUDA array interface v3) at every
+        # launch: a wait per kernel, and forbidden while a CUDA graph is captured. Our kernels run on CuPy's
+        # current stream, so stream order already makes them safe.
+        for mod in ("numba.cuda.core.config", "numba.core.config"):
+            cfg = sys.modules.get(mod)
+            if cfg is not None and hasattr(cfg, "CUDA_ARRAY_INTERFACE_SYNC"):
+                cfg.CUDA_ARRAY_INTERFACE_SYNC = False
     _numba_cuda = cuda
     return cuda
 
@@ -124,6 +135,8 @@ def device() -> str:
 
 
 def is_cupy(a) -> bool:
+    if type(a) is np.ndarray:       # the common case on "cpu" and "sim", checked first (it is asked often)
+        return False
     return type(a).__module__.startswith("cupy")
 
 
@@ -173,24 +186,160 @@ def to_numpy(a):
 
 
 def empty(shape, dtype, like):
-    """An uninitialised array on the same device as ``like`` (counted by :func:`gpucnn.profile`)."""
+    """An uninitialised array on the same device as ``like`` (counted by :func:`gpucnn.profile`); inside
+    :func:`workspace`, the arena's buffer for this request when it fits."""
+    if _arena is not None:
+        return _arena.take(shape, dtype, like)
     _count_alloc(shape, dtype, like)
     return xp(like).empty(shape, dtype=dtype)
 
 
 def zeros(shape, dtype, like):
     """A zero-filled array on the same device as ``like`` (counted by :func:`gpucnn.profile`)."""
+    if _arena is not None:
+        a = _arena.take(shape, dtype, like)
+        a.fill(0)
+        return a
     _count_alloc(shape, dtype, like)
     return xp(like).zeros(shape, dtype=dtype)
 
 
-def _count_alloc(shape, dtype, like):
+def persistent_empty(shape, dtype, like):
+    """An array that outlives a training step (a layer's own small buffer), never taken from a workspace."""
+    _count_alloc(shape, dtype, like)
+    return xp(like).empty(shape, dtype=dtype)
+
+
+def _count_alloc(shape, dtype, like, depth=3):
     # On "cuda" the CuPy memory hook of gpucnn.profile sees every allocation already.
     if _counters and not is_cupy(like) and on_gpu(like):
         from .profile import _family_of_caller
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for c in _counters:
-            c.count_alloc(_family_of_caller(3), nbytes)
+            c.count_alloc(_family_of_caller(depth), nbytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# workspaces: what a training step allocates, allocated once per batch shape and handed out again
+
+
+class Arena:
+    """The buffers one kind of step allocates, in the order it asks for them.
+
+    Inside ``with workspace(arena):`` the k-th :func:`empty` or :func:`zeros` call gets the arena's k-th
+    buffer when its shape, dtype and device match, and allocates (and keeps) a new one otherwise. A step
+    that runs the same code on the same shapes therefore allocates nothing from its second run on. What a
+    step gets from its arena is overwritten by the next run of that step: callers keep nothing across runs.
+    The price: one buffer per request, so an arena holds the sum of a step's allocations, where a memory
+    pool would hand a block freed early in the step (an input-gradient GEMM's output, once col2im has
+    read it) to a later request.
+    """
+
+    def __init__(self):
+        self.buffers = []
+        self.cursor = 0
+
+    def take(self, shape, dtype, like):
+        shape = tuple(int(s) for s in shape) if not isinstance(shape, (int, np.integer)) else (int(shape),)
+        dtype = np.dtype(dtype)
+        k = self.cursor
+        self.cursor += 1
+        if k < len(self.buffers):
+            a = self.buffers[k]
+            if a.shape == shape and a.dtype == dtype and is_cupy(a) == is_cupy(like):
+                return a
+        _count_alloc(shape, dtype, like, depth=4)
+        a = xp(like).empty(shape, dtype=dtype)
+        if k < len(self.buffers):
+            self.buffers[k] = a
+        else:
+            self.buffers.append(a)
+        return a
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.buffers)
+
+
+_arena = None
+
+
+@contextlib.contextmanager
+def workspace(arena: Arena):
+    """Within this block :func:`empty`/:func:`zeros` hand out ``arena``'s buffers in order (see Arena)."""
+    global _arena
+    old, _arena = _arena, arena
+    arena.cursor = 0
+    try:
+        yield arena
+    finally:
+        _arena = old
+
+
+@contextlib.contextmanager
+def no_workspace():
+    """Within this block allocations are plain again (for arrays that must outlive the step)."""
+    global _arena
+    old, _arena = _arena, None
+    try:
+        yield
+    finally:
+        _arena = old
+
+
+# ----------------------------------------------------------------------------------------------
+# per-step scalars and CUDA graphs
+
+_capturing = False      # True while a CUDA graph is being captured (see gpucnn.model)
+
+
+def capturing() -> bool:
+    return _capturing
+
+
+def write_scalars(dst, values):
+    """Copy host numbers into the small device array ``dst``: the scalars a kernel reads from memory
+    rather than as arguments (a learning rate, Adam's step, dropout keys), so that a captured CUDA graph
+    reads their current values at every replay.
+
+    On "cuda" an asynchronous copy on the current stream (the host does not wait). While a graph is
+    being captured the copy is left out (it would be recorded with this step's values): whoever replays
+    the graph writes the values before every replay.
+    """
+    host = np.asarray(values, dtype=dst.dtype).reshape(dst.shape)
+    if is_cupy(dst):
+        if not _capturing:
+            dst.set(host, stream=_cupy.cuda.get_current_stream())
+            # CUDA stages a copy from pageable memory before returning; keeping the last few host arrays
+            # alive anyway costs nothing and leaves no doubt about what an in-flight copy reads
+            _in_flight.append(host)
+    else:
+        dst[...] = host
+
+
+_in_flight = collections.deque(maxlen=64)
+
+
+def scalars(values, dtype, like):
+    """A new small device array holding ``values`` (on ``like``'s device), written with write_scalars."""
+    values = list(values)
+    a = empty((len(values),), dtype, like)
+    write_scalars(a, values)
+    return a
+
+
+def reduction_threads(n: int, cap: int = 256) -> int:
+    """Threads of a block that reduces ``n`` values: a power of two, at most ``cap``.
+
+    On "sim" every thread of a block that calls syncthreads costs milliseconds, so blocks there stay at
+    16 threads at most (the sum is then taken in another order: equal within rounding).
+    """
+    t = 32                      # a warp at least: a smaller block wastes the rest of its warp
+    if device() == "sim":
+        cap, t = min(cap, 16), 1
+    while t < min(n, cap):
+        t *= 2
+    return t
 
 
 def seed(n: int) -> None:
@@ -269,16 +418,29 @@ def _arg_key(a):
     return type(a)
 
 
-def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, shared_bytes: int = 0):
+_SIM_SWITCH_INTERVAL = 1e-4     # seconds; Python's default is 5e-3
+
+
+def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, shared_bytes: int = 0,
+           grid_stride: bool = False):
     """Launch ``kernel`` over ``n`` threads (a 1-D grid of ``threads``-wide blocks) on the current stream.
 
     On "cuda" the compiled specialisation for these argument types is cached, so a launch skips
     Numba's type dispatch, and it runs on CuPy's current stream. On "sim" Numba's simulator runs it.
+
+    ``grid_stride``: the kernel loops ``for i in range(cuda.grid(1), n, cuda.gridsize(1))``, so any grid
+    covers the n elements. On "cuda" the grid still has a thread per element (the loop runs once); on
+    "sim", where every simulated thread is a Python thread that costs far more than a loop iteration,
+    one block of 32 threads does them all.
     """
     if n <= 0:
         return
     if blocks is None:
+        if grid_stride and device() == "sim":
+            threads = min(threads, 32)
         blocks = (n + threads - 1) // threads
+        if grid_stride and device() == "sim":
+            blocks = 1
     for c in _counters:
         c.count_launch(kernel.family, "numba")
     jitted = kernel.compiled()
@@ -292,7 +454,15 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
         for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
             if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
                 raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
-        jitted[blocks, threads, 0, shared_bytes](*args)
+        # The simulator runs each CUDA thread as a Python thread and polls them; with Python's default
+        # 5 ms GIL switch interval every syncthreads costs milliseconds. A short interval, while it runs,
+        # makes the sim suite several times faster and changes nothing else.
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(_SIM_SWITCH_INTERVAL)
+        try:
+            jitted[blocks, threads, 0, shared_bytes](*args)
+        finally:
+            sys.setswitchinterval(old)
 
 
 def matmul(a, b, out=None):

@@ -16,7 +16,8 @@ The host build supports this documented subset of CuPy's kernel language:
   ``min``/``max`` of two values of the same type, casts such as ``T(0.5)``;
 * a ``preamble`` of ``__device__`` helper functions (``__device__`` expands to nothing on the host).
 
-Outputs not passed are allocated with the elementwise shape (or ``size=``). Every kernel is recorded in
+Outputs not passed are allocated with the elementwise shape (or ``size=``) through ``backend.empty`` (so
+profile() counts them and a training step's workspace supplies them). Every kernel is recorded in
 :data:`KERNELS`; :data:`HOST_RUNS` records which ran through the host build (a test checks all did).
 """
 from __future__ import annotations
@@ -89,49 +90,65 @@ class ElementwiseKernel:
             raise TypeError(f"{self.name}: expected {n_in} to {len(self.params)} arguments, got {len(args)}")
         for c in backend._counters:
             c.count_launch(self.family, "cupy")
+        types, shape = self._resolve(args, size)
+        args = list(args)
+        made = False
+        for p in self.params[len(args):]:
+            # outputs through backend.empty: counted by gpucnn.profile, and taken from a training step's
+            # workspace when one is active (so a step allocates nothing in steady state)
+            dtype = np.dtype(types[p.ctype]) if p.placeholder else np.dtype(p.ctype)
+            args.append(backend.empty(shape, dtype, self._like(args)))
+            made = True
         if any(backend.is_cupy(a) for a in args):
             if self._cupy_kernel is None:
                 import cupy
                 self._cupy_kernel = cupy.ElementwiseKernel(self.in_params, self.out_params, self.operation,
                                                            self.name, preamble=self.preamble)
-            return self._cupy_kernel(*args, size=size)
-        return self._host_call(list(args), size)
+            return self._cupy_kernel(*args, size=None if made else size)
+        return self._host_call(args, types, shape)
 
-    # -------------------------------------------------------------------------------------- host build
+    def _like(self, args):
+        """An argument array that says on which device the outputs belong."""
+        for a in args:
+            if hasattr(a, "dtype") and getattr(a, "ndim", 0) > 0:
+                return a
+        return np.empty(0)
 
-    def _host_call(self, args, size):
+    def _resolve(self, args, size):
+        """(placeholder -> dtype, the elementwise shape) from the arguments given, as CuPy resolves them."""
         params = self.params
-        arrays = [(p, a) for p, a in zip(params, args) if not p.raw and isinstance(a, np.ndarray) and a.ndim > 0]
         types = {}
         for p, a in zip(params, args):
-            if isinstance(a, np.ndarray):
-                if p.placeholder:
-                    if types.setdefault(p.ctype, a.dtype) != a.dtype:
-                        raise TypeError(f"{self.name}: type {p.ctype} is both {types[p.ctype]} and {a.dtype}")
-                if not a.flags.c_contiguous:
-                    raise ValueError(f"{self.name}: argument {p.name!r} must be C-contiguous")
-        shape = arrays[0][1].shape if arrays else None
+            if hasattr(a, "dtype") and getattr(a, "ndim", 0) > 0 and p.placeholder:
+                if types.setdefault(p.ctype, a.dtype) != a.dtype:
+                    raise TypeError(f"{self.name}: type {p.ctype} is both {types[p.ctype]} and {a.dtype}")
+        arrays = [(p, a) for p, a in zip(params, args) if not p.raw and hasattr(a, "dtype") and a.ndim > 0]
+        shape = tuple(arrays[0][1].shape) if arrays else None
         for p, a in arrays:
-            if a.shape != shape:
-                raise ValueError(f"{self.name}: elementwise argument {p.name!r} has shape {a.shape}, expected "
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{self.name}: elementwise argument {p.name!r} has shape {tuple(a.shape)}, expected "
                                  f"{shape} (the host build does not broadcast)")
         if shape is None:
             if size is None:
                 raise ValueError(f"{self.name}: no elementwise array argument, so size= is required")
-            shape = (size,)
-        n = int(np.prod(shape))
+            shape = (int(size),)
         for p in params:  # placeholders only used by scalars or outputs default to the first array's type
             if p.placeholder and p.ctype not in types:
                 types[p.ctype] = arrays[0][1].dtype if arrays else np.dtype("float64")
+        return types, shape
+
+    # -------------------------------------------------------------------------------------- host build
+
+    def _host_call(self, args, types, shape):
+        params = self.params
+        for p, a in zip(params, args):
+            if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+                raise ValueError(f"{self.name}: argument {p.name!r} must be C-contiguous")
+        n = int(np.prod(shape))
         outs = []
         call = []
-        for k, p in enumerate(params):
+        for p, a in zip(params, args):
             dtype = np.dtype(types[p.ctype]) if p.placeholder else np.dtype(p.ctype)
-            a = args[k] if k < len(args) else None
-            if p.is_out and a is None:
-                a = np.empty(shape, dtype=dtype)
-                for c in backend._counters:
-                    c.count_alloc(self.family, a.nbytes)
             if p.is_out:
                 outs.append(a)
             if isinstance(a, np.ndarray) and (a.ndim > 0 or p.raw or p.is_out):

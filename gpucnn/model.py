@@ -8,7 +8,28 @@
     model.save("lenet5.npz"); model = gc.Sequential.load("lenet5.npz")
 
 One training step is ``forward -> loss -> backward -> (clip) -> optimizer.step``: each layer's forward and
-backward call the kernels of its family, so a reader follows ``fit -> layer -> gpucnn.kernels.<family>``.
+backward call the kernels of its family, so a reader follows ``fit -> train_step -> layer ->
+gpucnn.kernels.<family>``.
+
+How a step runs (:meth:`Sequential.train_step`, which fit calls once per batch). When the Sequential is
+built it decides what to fuse (``fuse=True``): a Conv2D or Dense followed by an activation layer computes
+that activation in its bias kernel, and a Conv2D -> activation -> pooling runs its pooling there too; the
+activation and pooling layers then pass their input through inside this model (called alone, every
+layer still computes its own op). Every parameter lives in one flat array and every gradient in another
+(:class:`gpucnn.optim.FlatParameters`); backward writes each gradient straight into its view. A step
+on the GPU path (LeNet-5: 29 launches) is then: per conv im2col, GEMM, and bias + activation + pooling
+in one kernel that also writes NCHW; per dense a GEMM and bias + activation; softmax cross-entropy with
+its gradient and the batch mean in one launch; backward per layer one kernel for the activation's (and
+pooling's) backward fused with the bias gradient, the weight-gradient GEMM, and the input-gradient GEMM
+(and col2im) except for the first layer, which needs no input gradient; then ONE optimizer kernel over
+the flat buffers. Everything the step allocates comes from a workspace arena kept per batch shape
+(``gpucnn.backend.workspace``), so from its second run a step allocates nothing. On "cuda" the whole step
+is captured once per batch shape as a CUDA graph (after one eager warm-up) and replayed: the batch is
+copied into the graph's input buffers, and what changes per step (learning rate, Adam's step count,
+dropout keys) is written by the host into small device arrays the kernels read, before each replay.
+The CPU runs the same plan with the NumPy twins: bias and activation in place on the GEMM's output,
+pooling in the GEMM's layout (only the pooled result is transposed), no input gradient for the first
+layer, float32 throughout.
 
 Inputs are raw images (uint8 or float, N x C x H x W) as the dataset holds them: the model converts a
 batch to its dtype and standardises it per channel, ``(x - input_mean) / input_std``, with the statistics
@@ -35,10 +56,15 @@ import numpy as np
 from . import backend, checkpoint
 from .checkpoint import CheckpointError
 from .data import ArrayDataset
+from .kernels import loss as loss_kernels
 from .kernels.loss import check_labels, softmax
+from .layers.activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .layers.base import LAYER_TYPES, Layer
+from .layers.conv import Conv2D
+from .layers.dense import Dense
+from .layers.pool import AvgPool2D, MaxPool2D
 from .losses import SoftmaxCrossEntropy, check_finite
-from .optim import SGD, clip_grad_norm
+from .optim import SGD, FlatParameters, clip_grad_norm
 
 __all__ = ["Sequential"]
 
@@ -46,11 +72,59 @@ HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 _GPU_READ_EVERY = 20        # steps between loss read-backs on a real GPU (each read waits for the GPU)
 
 
+_ACTIVATIONS = (ReLU, LeakyReLU, Tanh, Sigmoid)
+_POOLS = (MaxPool2D, AvgPool2D)
+
+
+class _Stage:
+    """One or more consecutive layers run as one: a Conv2D or Dense with the activation (and, after a
+    Conv2D, the pooling) that follows it, computed by the head's fused kernels; or a single layer."""
+
+    def __init__(self, head, act=None, pool=None):
+        self.head, self.act, self.pool = head, act, pool
+        self.layers = [layer for layer in (head, act, pool) if layer is not None]
+
+    def forward(self, x, training):
+        if len(self.layers) == 1:
+            return self.head.forward(x, training=training)
+        if self.pool is None:
+            return self.head.forward(x, training=training, activation=self.act)
+        y = self.head.forward(x, training=training, activation=self.act, pool=self.pool)
+        self.pool._x_shape = (x.shape[0],) + self.head.output_shape(tuple(x.shape[1:]))
+        if isinstance(self.pool, MaxPool2D):
+            self.pool.switches = self.head.switches     # as if the pooling layer had run (a deconvnet reads them)
+        return y
+
+    def backward(self, gy):
+        return self.head.backward(gy)
+
+
+def _fusable_activation(layer) -> bool:
+    # only our own classes (a subclass may compute something else); LeakyReLU's y > 0 <=> x > 0 needs slope >= 0
+    return type(layer) in _ACTIVATIONS and getattr(layer, "slope", 0.0) >= 0
+
+
+class _StepCache:
+    """What train_step keeps per batch shape: the workspace arena, and on "cuda" the captured graph with its
+    input buffers, its outputs and a fingerprint of the arrays it was captured with."""
+
+    def __init__(self):
+        self.arena = backend.Arena()
+        self.runs = 0
+        self.graph = None           # a cupy.cuda.graph.Graph, or False once capturing failed
+        self.x = self.y = self.value = self.output = self.fingerprint = None
+
+
 class Sequential:
     """Layers applied in order. ``input_shape`` (C, H, W) lets every shape be checked at construction;
-    without it the shapes are checked when the first data arrive."""
+    without it the shapes are checked when the first data arrive.
 
-    def __init__(self, layers, input_shape=None):
+    ``fuse`` (default True): run a Conv2D or Dense and the activation after it (and after a Conv2D the
+    pooling after that) as one stage with fused kernels; results equal the unfused model's within float
+    rounding. ``graph`` (default True; used on "cuda" only): capture each batch shape's training step as a
+    CUDA graph and replay it (see the module docstring)."""
+
+    def __init__(self, layers, input_shape=None, fuse: bool = True, graph: bool = True):
         layers = list(layers)
         if not layers:
             raise ValueError("Sequential: expected a list of layers, got an empty one")
@@ -68,6 +142,11 @@ class Sequential:
         self.input_mean = None      # per-channel float64 statistics of the training images, or None
         self.input_std = None
         self._norm = None           # mean and 1/std cached on the batch's device, in the model's dtype
+        self.fuse, self.graph = bool(fuse), bool(graph)
+        self._stages_for = None     # (layer ids, stages): the fusion plan, remade if the layer list changes
+        self._flat = None           # FlatParameters, made at first use
+        self._steps = {}            # batch signature -> _StepCache
+        self._last_output = None    # the logits of the last train_step (a workspace array)
         if input_shape is not None:
             self.build(input_shape)
 
@@ -130,24 +209,190 @@ class Sequential:
 
     # ------------------------------------------------------------------------------------------ passes
 
+    @property
+    def stages(self) -> list:
+        """The fusion plan: the layers grouped into the stages forward and backward run (see ``fuse``)."""
+        ids = (self.fuse, *map(id, self.layers))
+        if self._stages_for is None or self._stages_for[0] != ids:
+            stages, L, i = [], self.layers, 0
+            while i < len(L):
+                head = L[i]
+                act = pool = None
+                if self.fuse and type(head) in (Conv2D, Dense) and i + 1 < len(L):
+                    j = i + 1
+                    if _fusable_activation(L[j]):
+                        act, j = L[j], j + 1
+                    if type(head) is Conv2D and j < len(L) and type(L[j]) in _POOLS:
+                        pool, j = L[j], j + 1
+                stage = _Stage(head, act, pool)
+                stages.append(stage)
+                i += len(stage.layers)
+            self._stages_for = (ids, stages)
+        return self._stages_for[1]
+
     def forward(self, x, training: bool = True):
         """Run the layers on a float batch already in the model's dtype (no standardisation)."""
-        for layer in self.layers:
-            x = layer.forward(x, training=training)
+        for stage in self.stages:
+            x = stage.forward(x, training)
         return x
 
     def backward(self, gy):
         """Back-propagate dL/d(output) through every layer (filling their grads); returns dL/d(input)."""
-        for layer in reversed(self.layers):
-            gy = layer.backward(gy)
+        for stage in reversed(self.stages):
+            gy = stage.backward(gy)
         return gy
+
+    def _backward_for_training(self, gy):
+        """backward without dL/d(input): the stages before the first one with parameters are skipped, and
+        that one's head (Conv2D, Dense) is told to skip its input gradient (``needs_input_grad``)."""
+        stages = self.stages
+        first = next((k for k, st in enumerate(stages) if any(l.params for l in st.layers)), len(stages))
+        for k in range(len(stages) - 1, first, -1):
+            gy = stages[k].backward(gy)
+        if first < len(stages):
+            head = stages[first].head
+            skip = hasattr(head, "needs_input_grad")
+            saved = head.needs_input_grad if skip else None
+            if skip:
+                head.needs_input_grad = False
+            try:
+                stages[first].backward(gy)
+            finally:
+                if skip:
+                    head.needs_input_grad = saved
+
+    @property
+    def flat(self) -> FlatParameters:
+        """Every parameter in one flat array and every gradient in another (made at first use; made anew,
+        with the values of the arrays found, when a layer's parameter array was replaced, e.g. by to())."""
+        if self._flat is None or not self._flat.intact():
+            self._flat = FlatParameters(self.layers)
+            self._steps = {}        # captured graphs and workspaces point at the old arrays
+        return self._flat
 
     def to(self, device: str) -> "Sequential":
         """Move parameters, buffers and layer state to ``device`` ("cpu", "cuda", "sim")."""
         for layer in self.layers:
             layer.to(device)
         self._norm = None
+        self._steps = {}
         return self
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def train_step(self, x, y, loss, optimizer, clip_norm=None, graph=None):
+        """One training step on the batch ``x`` (in the model's dtype, standardised: see :meth:`prepare`)
+        with integer labels ``y``: forward, ``loss``, backward, clipping to ``clip_norm`` (if given) and
+        ``optimizer``'s update. Returns the loss as a 0-d array on the device, without a host copy or a
+        sync; it lives in the step's workspace, so it is valid until the next step of the same shape.
+
+        The step runs in a workspace arena kept for its batch shape (no allocation from its second run).
+        On "cuda", with ``graph`` (default: the model's ``graph``, True), the second run of a batch shape
+        captures the step as a CUDA graph and later runs replay it. The logits stay readable as
+        ``model.last_output`` until the next step.
+        """
+        if getattr(optimizer, "model", self) is not self:
+            raise ValueError("Sequential.train_step: the optimizer was made for another model; "
+                             "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
+        flat = self.flat
+        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str, id(loss),
+               id(optimizer), clip_norm)
+        st = self._steps.get(key)
+        if st is None:
+            st = self._steps[key] = _StepCache()
+        use_graph = (self.graph if graph is None else bool(graph)) and backend.is_cupy(x)
+        if use_graph and st.graph is not False:
+            fingerprint = self._fingerprint(flat, optimizer)
+            if st.graph is not None and st.fingerprint != fingerprint:
+                st.graph = None         # the optimizer state or the parameters were replaced: capture again
+            if st.graph is None and st.runs >= 1:
+                self._capture(st, x, y, loss, optimizer, clip_norm, fingerprint)
+            if st.graph:
+                return self._replay(st, x, y, loss, optimizer)
+        with backend.workspace(st.arena):
+            value = self._step(x, y, loss, optimizer, clip_norm)
+        st.runs += 1
+        return value
+
+    @property
+    def last_output(self):
+        """The logits of the last train_step (valid until the next step of the same batch shape)."""
+        return self._last_output
+
+    def _step(self, x, y, loss, optimizer, clip_norm):
+        out = self.forward(x, training=True)
+        self._last_output = out
+        value = loss.forward(out, y)
+        self._backward_for_training(loss.backward())
+        if clip_norm is not None:
+            clip_grad_norm(self, clip_norm)
+        optimizer.step()
+        return value
+
+    def _fingerprint(self, flat, optimizer):
+        """The identity of every persistent array a captured step reads or writes besides its workspace."""
+        arrays = [flat.param, flat.grad, *getattr(optimizer, "flat_state", {}).values(),
+                  getattr(optimizer, "_hyper_buf", None)]
+        arrays += [getattr(layer, "_keys", None) for layer in self.layers]
+        arrays += [a for layer in self.layers for a in layer.buffers.values()]
+        return tuple(id(a) for a in arrays)
+
+    def _host_counters(self, loss, optimizer):
+        """The integers the step's Python advances (layer counters, the loss's and optimizer's step counts)."""
+        objs = [*self.layers, loss, optimizer]
+        return [(o, {k: v for k, v in vars(o).items() if isinstance(v, int) and not isinstance(v, bool)})
+                for o in objs]
+
+    def _capture(self, st, x, y, loss, optimizer, clip_norm, fingerprint):
+        """Record the step as a CUDA graph (nothing runs while recording); the host counters advanced by the
+        recorded Python are put back, and _replay then runs the graph for this batch."""
+        import cupy
+        with backend.no_workspace():
+            st.x, st.y = x.copy(), y.copy()        # the graph's input buffers, for good
+        counters = self._host_counters(loss, optimizer)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.get_current_stream().synchronize()     # once per batch shape: nothing pending crosses over
+        graph, error = None, None
+        with stream:
+            backend._capturing = True
+            stream.begin_capture()
+            try:
+                with backend.workspace(st.arena):
+                    st.value = self._step(st.x, st.y, loss, optimizer, clip_norm)
+                st.output = self._last_output
+            except Exception as e:          # noqa: BLE001 - reported below, the step then runs eagerly
+                error = e
+            finally:
+                try:
+                    graph = stream.end_capture()
+                except Exception as e:      # noqa: BLE001
+                    error = error or e
+                backend._capturing = False
+        for obj, ints in counters:
+            for k, v in ints.items():
+                setattr(obj, k, v)
+        if error is not None or graph is None:
+            warnings.warn(f"Sequential.train_step: capturing the step as a CUDA graph failed "
+                          f"({type(error).__name__}: {error}); this batch shape runs without a graph",
+                          stacklevel=3)
+            st.graph = False
+            return
+        st.graph, st.fingerprint = graph, fingerprint
+
+    def _replay(self, st, x, y, loss, optimizer):
+        """Run the captured step on this batch: copy it into the graph's inputs, do the host's half of the
+        step (each layer's replay_step, the loss's count, the optimizer's scalars), launch the graph."""
+        import cupy
+        st.x[...] = x
+        st.y[...] = y
+        for layer in self.layers:
+            layer.replay_step()
+        if isinstance(getattr(loss, "step", None), int):
+            loss.step += 1
+        optimizer.begin_step()
+        st.graph.launch(stream=cupy.cuda.get_current_stream())
+        self._last_output = st.output
+        return st.value
 
     def prepare(self, xb):
         """A raw batch as the first layer takes it: the model's dtype, standardised when fit computed
@@ -175,8 +420,28 @@ class Sequential:
 
     def set_standardization(self, images):
         """Compute ``input_mean``/``input_std`` per channel (axis 1) from host ``images``, in float64, in
-        chunks (no float64 copy of the whole set); a constant channel gets std 1."""
+        chunks (no float64 copy of the whole set), or from exact integer sums for uint8 images; a constant
+        channel gets std 1."""
         images = backend.to_numpy(images)
+        if images.dtype == np.uint8 and images.size:
+            # 8-bit images: exact integer sums of x and x^2 (255^2 fits uint16, the sums uint64), a few cheap
+            # passes where the float64 route below costs most of a second on 60,000 MNIST images
+            C = images.shape[1]
+            rows = max(1, (1 << 22) // max(1, images[0].size))
+            s1, s2 = np.zeros(C, np.uint64), np.zeros(C, np.uint64)
+            for i in range(0, len(images), rows):
+                for c in range(C):
+                    sq = images[i:i + rows, c].astype(np.uint16)
+                    s1[c] += np.add.reduce(sq, axis=None, dtype=np.uint64)
+                    np.multiply(sq, sq, out=sq)
+                    s2[c] += np.add.reduce(sq, axis=None, dtype=np.uint64)
+            n = images.size // C
+            mean = s1.astype(np.float64) / n
+            std = np.sqrt(np.maximum(s2.astype(np.float64) / n - mean * mean, 0.0))
+            std[std == 0] = 1.0
+            self.input_mean, self.input_std = mean, std
+            self._norm = None
+            return
         axes = (0,) + tuple(range(2, images.ndim))
         per_channel = images.size // max(images.shape[1], 1)
         rows = max(1, (1 << 22) // max(1, images[0].size))
@@ -281,7 +546,7 @@ class Sequential:
 
     def fit(self, data, epochs: int = 1, batch_size: int = 128, optimizer=None, loss=None, validation=None,
             scheduler=None, callbacks=(), clip_norm=None, checkpoint_dir=None, resume=None, seed: int = 0,
-            verbose: int = 1, standardize: bool = True, augment=None) -> dict:
+            verbose: int = 1, standardize: bool = True, augment=None, graph=None) -> dict:
         """Train for ``epochs`` epochs (in total: a resumed run continues up to it) and return the history,
         per-epoch lists "loss", "accuracy" (on the training batches, as trained), "val_loss",
         "val_accuracy" (None without ``validation``), "seconds" and "lr".
@@ -302,6 +567,8 @@ class Sequential:
         standardize: compute per-channel input statistics from the training images (default) or feed
             the images converted to the model's dtype as they are.
         augment: passed to ``data.batches`` (see gpucnn.data).
+        graph: on "cuda", replay each batch shape's step from a CUDA graph (default: the model's ``graph``,
+            True); False runs every step eagerly. Each step is :meth:`train_step`.
         A NaN/Inf loss raises FloatingPointError; Ctrl-C re-raises KeyboardInterrupt; both keep the
         last checkpoint written and say where it is.
         """
@@ -355,7 +622,7 @@ class Sequential:
                 if scheduler is not None:
                     optimizer.lr = float(scheduler.lr(epoch, optimizer.base_lr))
                 tr_loss, tr_acc, n = self._train_epoch(ds, batch_size, optimizer, loss, clip_norm, seed, epoch,
-                                                       augment, verbose, steps, epochs)
+                                                       augment, verbose, steps, epochs, graph)
                 train_s = time.perf_counter() - t0
                 v = self._evaluate(val, batch_size, loss) if val is not None else None
                 history["loss"].append(tr_loss)
@@ -395,38 +662,36 @@ class Sequential:
         return history
 
     def _train_epoch(self, ds, batch_size, optimizer, loss, clip_norm, seed, epoch, augment, verbose, steps,
-                     epochs):
+                     epochs, graph=None):
         """One pass over the shuffled training set; returns (mean loss, accuracy, images)."""
         bar = None
         if verbose == 1:
             from tqdm import tqdm
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch",
                        dynamic_ncols=True)
-        total, correct, n, step = 0.0, 0, 0, 0
+        sums = None            # [sum of loss * batch, correct predictions], on the device (float64)
+        n, step = 0, 0
         read_every = 1
         t0 = time.perf_counter()
         try:
             for xb, yb in ds.batches(batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment):
-                pred = self.forward(self.prepare(xb), training=True)
-                value = loss.forward(pred, yb)
-                self.backward(loss.backward())
-                if clip_norm is not None:
-                    clip_grad_norm(self, clip_norm)
-                optimizer.step()
-                b = len(yb)
-                # sums stay on the device; reading one back waits for the GPU, so a GPU reads every 20 steps
-                total = total + value.astype(np.float64) * b
-                correct = correct + _correct(pred, yb)
-                n += b
+                value = self.train_step(self.prepare(xb), yb, loss, optimizer, clip_norm=clip_norm, graph=graph)
+                pred = self.last_output
+                if sums is None:
+                    sums = backend.xp(pred).zeros(2, dtype=np.float64)
+                # sums stay on the device (one kernel adds this step's); reading them back waits for the GPU,
+                # so a GPU reads every 20 steps
+                loss_kernels.tally(value, pred, yb, sums)
+                n += len(yb)
                 step += 1
                 if step == 1 and backend.on_gpu(pred):
                     read_every = _GPU_READ_EVERY
                 if step % read_every == 0 or step == steps:
-                    seen = float(total)
+                    seen = float(sums[0])
                     check_finite(seen, f"Sequential.fit: the training loss (epoch {epoch + 1}, step {step})")
                     if bar is not None and (step % _GPU_READ_EVERY == 0 or step == steps):
                         rate = n / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix(loss=f"{seen / n:.4f}", acc=f"{int(correct) / n:.4f}",
+                        bar.set_postfix(loss=f"{seen / n:.4f}", acc=f"{int(sums[1]) / n:.4f}",
                                         img_s=f"{rate:,.0f}", refresh=False)
                 if bar is not None:
                     bar.update(1)
@@ -435,9 +700,9 @@ class Sequential:
                 bar.close()
         if n == 0:
             raise ValueError("Sequential.fit: the training set gave no batches")
-        seen = float(total)
+        seen = float(sums[0])
         check_finite(seen, f"Sequential.fit: the training loss (epoch {epoch + 1})")
-        return seen / n, int(correct) / n, n
+        return seen / n, int(sums[1]) / n, n
 
     # ------------------------------------------------------------------------------------------ saving
 

@@ -1,9 +1,10 @@
 """``gpucnn.profile()``: count what a piece of training costs on the GPU path, per op family.
 
     with gpucnn.profile() as p:
-        model.train_step(x, y)
+        model.train_step(x, y, loss, optimizer)
     print(p)                 # a table: family, Numba launches, CuPy launches, cuBLAS calls, bytes allocated
     p.launches               # total kernel launches (each cuBLAS call counts as one)
+    p.bytes_allocated        # 0 from a step's second run on: its workspace supplies every buffer
 
 Counts are the same on "cuda" and "sim": every ``backend.launch`` (Numba), every ElementwiseKernel call
 (CuPy) and every ``backend.matmul`` (cuBLAS) on the GPU path. Bytes are the device memory gpucnn itself

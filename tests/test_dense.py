@@ -182,9 +182,11 @@ def test_bias_grad_kernel_compiles_for_a_real_gpu_in_the_input_dtype():
         from numba.cuda import compiler
         import gpucnn.kernels.dense as D
         D.cuda = cuda
-        f32 = types.float32
+        f32, a2 = types.float32, types.Array(types.float32, 2, "C")
+        # (gy, y, gz, gb, kind, slope, write_gz): the bias gradient fused with the activation's backward
         cres = compiler.compile_cuda(D._bias_grad_kernel.fn, types.void,
-                                     (types.Array(f32, 2, "C"), types.Array(f32, 1, "C")), cc=(8, 0))
+                                     (a2, a2, a2, types.Array(f32, 1, "C"), types.int64, f32, types.boolean),
+                                     cc=(8, 0))
         doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
         if doubles or " double " in cres.library.get_llvm_str():
             sys.exit(f"float64 in a float32 kernel: {doubles}")

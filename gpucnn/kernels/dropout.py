@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from .. import backend
 from ..backend import on_gpu, xp
 from ..elementwise import ElementwiseKernel
 
@@ -63,13 +64,15 @@ __device__ __forceinline__ unsigned int dropout_hash(unsigned int x) {
     return x;
 }
 """
-_KEEP = ("unsigned int h = dropout_hash(dropout_hash((unsigned int)i ^ k_seed) ^ k_step); "
-         "bool keep = (h >> 8) >= threshold;")
+# The keys come from a small device array (keys = [k_seed, k_step, threshold]) rather than the launch's
+# arguments, so that a CUDA graph replaying a training step reads each step's keys.
+_KEEP = ("unsigned int h = dropout_hash(dropout_hash((unsigned int)i ^ keys[0]) ^ keys[1]); "
+         "bool keep = (h >> 8) >= keys[2];")
 
-_mask_k = ElementwiseKernel("uint32 k_seed, uint32 k_step, uint32 threshold, T scale", "T mask",
+_mask_k = ElementwiseKernel("raw uint32 keys, T scale", "T mask",
                             _KEEP + " mask = keep ? scale : T(0)", "dropout_mask", preamble=_HASH)
 # forward makes the mask and applies it in one pass; the mask is kept for backward
-_forward_k = ElementwiseKernel("T x, uint32 k_seed, uint32 k_step, uint32 threshold, T scale", "T y, T mask",
+_forward_k = ElementwiseKernel("T x, raw uint32 keys, T scale", "T y, T mask",
                                _KEEP + " mask = keep ? scale : T(0); y = x * mask", "dropout_forward",
                                preamble=_HASH)
 _backward_k = ElementwiseKernel("T gy, T mask", "T gx", "gx = gy * mask", "dropout_backward")
@@ -100,24 +103,46 @@ def _mask_cpu(shape, p, seed, step, dtype):
 
 
 # ---------------------------------------------------------------------------- the functions layers call
-def dropout_mask(shape, p: float, seed: int, step: int, like):
+def dropout_keys(p: float, seed: int, step: int) -> list:
+    """[k_seed, k_step, threshold]: what the GPU kernels read to make the mask of (seed, step)."""
+    return [*_keys(seed, step), _threshold(p)]
+
+
+def keys_buffer(like):
+    """A layer's own small device array for the keys (None on the CPU path, which needs none)."""
+    return backend.persistent_empty((3,), np.uint32, like) if on_gpu(like) else None
+
+
+def write_keys(keys, p: float, seed: int, step: int):
+    """Write the keys of (seed, step) into ``keys`` (from :func:`keys_buffer`)."""
+    backend.write_scalars(keys, dropout_keys(p, seed, step))
+
+
+def _device_keys(p, seed, step, like, keys):
+    if keys is None:
+        return backend.scalars(dropout_keys(p, seed, step), np.uint32, like)
+    write_keys(keys, p, seed, step)
+    return keys
+
+
+def dropout_mask(shape, p: float, seed: int, step: int, like, keys=None):
     """The scaled mask (0 or 1/(1-p)) for ``shape``, in ``like``'s dtype, on ``like``'s device."""
     shape = tuple(int(s) for s in shape)
     dtype = like.dtype
     if on_gpu(like):
-        k_seed, k_step = _keys(seed, step)
-        mask = xp(like).empty(shape, dtype=dtype)
-        _mask_k(np.uint32(k_seed), np.uint32(k_step), np.uint32(_threshold(p)), _scale(p, dtype), mask)
+        mask = backend.empty(shape, dtype, like)
+        _mask_k(_device_keys(p, seed, step, like, keys), _scale(p, dtype), mask)
         return mask
     return _mask_cpu(shape, p, seed, step, dtype)
 
 
-def dropout_forward(x, p: float, seed: int, step: int):
-    """(y, mask): y = x * mask, the mask of (seed, step) for x's shape; keep the mask for backward."""
+def dropout_forward(x, p: float, seed: int, step: int, keys=None):
+    """(y, mask): y = x * mask, the mask of (seed, step) for x's shape; keep the mask for backward.
+    ``keys``: on the GPU path, a device array (keys_buffer) to write this step's keys into and read them
+    from; a captured CUDA graph reads them there at each replay."""
     if on_gpu(x):
-        k_seed, k_step = _keys(seed, step)
         x = xp(x).ascontiguousarray(x)
-        return _forward_k(x, np.uint32(k_seed), np.uint32(k_step), np.uint32(_threshold(p)), _scale(p, x.dtype))
+        return _forward_k(x, _device_keys(p, seed, step, x, keys), _scale(p, x.dtype))
     mask = _mask_cpu(x.shape, p, seed, step, x.dtype)
     return x * mask, mask
 

@@ -5,8 +5,10 @@ Cross-entropy of logits z (N, C) and integer labels y (N,), averaged over the ba
     L = 1/N sum_n [ log sum_k exp(z[n, k]) - z[n, y[n]] ]       dL/dz = (softmax(z) - onehot(y)) / N
 
 Both are computed from the row max m subtracted first (z - m <= 0), so exp never overflows and logits of
-+-1e4 give finite, exact results. GPU: one thread per row computes the row's max, log-sum-exp, loss and
-gradient row in a single pass, and one block sums the N row losses on the device (no host copy, no sync).
++-1e4 give finite, exact results. GPU: ONE launch of one block: each thread computes the max, log-sum-exp,
+loss and gradient of its rows in a single pass, then the block sums the row losses in shared memory into
+the mean (on the device: no host copy, no sync). Beyond 8192 rows a thread per row and a second launch
+for the mean. ``tally`` adds a step's loss and correct predictions to fit's running sums, on the device.
 MSE: L = mean((p - t)^2), dL/dp = 2 (p - t) / size; GPU: ElementwiseKernels and the same block sum.
 
 Labels are checked cheaply (shape, dtype) everywhere. Their range is checked on the CPU path on every
@@ -20,6 +22,7 @@ import math
 
 import numpy as np
 
+from .. import backend
 from ..backend import cuda, gpu_kernel, launch, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
 
@@ -61,18 +64,62 @@ def check_labels(y, num_classes: int, where: str, n: int | None = None):
 
 # ---------------------------------------------------------------------------- GPU: Numba kernels
 
-_BLOCK = 128   # threads of the one block that sums row losses / squared errors
+_BLOCK = 128   # threads of the one block that sums row losses / squared errors (at most)
+_ONE_BLOCK_ROWS = 8192   # up to this batch the whole cross-entropy is one launch (64 rows per thread)
+
+
+@gpu_kernel
+def _softmax_xent_kernel(logits, labels, grad, out, n_rows, n_classes, inv_n):
+    """ONE block: each thread takes rows n = t, t + threads, ...: the row's loss logsumexp(z[n]) - z[n, y[n]]
+    and its gradient row (softmax(z[n]) - onehot) / N; then the block sums the row losses in shared memory
+    (float64, a fixed order: deterministic) and thread 0 writes the mean to out[0]. Loss, gradient and
+    mean in a single launch; a batch of thousands of rows is a few rows per thread."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    partial = cuda.shared.array(_BLOCK, np.float64)
+    total = 0.0
+    for n in range(t, n_rows, threads):
+        y = labels[n]
+        if y < 0 or y >= n_classes:
+            # never index with a bad label (that would read and write out of bounds): poison the row instead
+            total += math.nan
+            for k in range(n_classes):
+                grad[n, k] = math.nan
+            continue
+        m = logits[n, 0]
+        for k in range(1, n_classes):
+            m = max(m, logits[n, k])
+        s = 0.0   # a double: the sum of C exponentials in full precision costs nothing next to the memory traffic
+        for k in range(n_classes):
+            e = math.exp(logits[n, k] - m)
+            grad[n, k] = e
+            s += e
+        total += math.log(s) - (logits[n, y] - m)
+        scale = inv_n / s
+        for k in range(n_classes):
+            grad[n, k] *= scale
+        grad[n, y] -= inv_n
+    partial[t] = total
+    cuda.syncthreads()
+    width = threads // 2
+    while width > 0:
+        if t < width:
+            partial[t] += partial[t + width]
+        cuda.syncthreads()
+        width //= 2
+    if t == 0:
+        out[0] = partial[0] * inv_n
 
 
 @gpu_kernel
 def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n):
-    """Thread per row n: row_loss[n] = logsumexp(z[n]) - z[n, y[n]]; grad[n] = (softmax(z[n]) - onehot) / N."""
+    """Thread per row n, for batches too large for one block: row_loss[n] and the gradient row; a
+    _block_sum launch then takes the mean."""
     n = cuda.grid(1)
     if n >= n_rows:
         return
     y = labels[n]
     if y < 0 or y >= n_classes:
-        # never index with a bad label (that would read and write out of bounds): poison the row instead
         row_loss[n] = math.nan
         for k in range(n_classes):
             grad[n, k] = math.nan
@@ -80,7 +127,7 @@ def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n)
     m = logits[n, 0]
     for k in range(1, n_classes):
         m = max(m, logits[n, k])
-    s = 0.0   # a double: the sum of C exponentials in full precision costs nothing next to the memory traffic
+    s = 0.0
     for k in range(n_classes):
         e = math.exp(logits[n, k] - m)
         grad[n, k] = e
@@ -90,6 +137,37 @@ def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n)
     for k in range(n_classes):
         grad[n, k] *= scale
     grad[n, y] -= inv_n
+
+
+@gpu_kernel
+def _tally_kernel(value, logits, labels, acc, n_rows, n_classes, weight):
+    """ONE block: acc[0] += weight * value[0] and acc[1] += the number of rows whose largest logit (the
+    first, as argmax) is at the label: the running sums fit keeps on the device (float64 acc)."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    partial = cuda.shared.array(_BLOCK, np.float64)
+    hits = 0.0
+    for n in range(t, n_rows, threads):
+        best = logits[n, 0]
+        arg = 0
+        for k in range(1, n_classes):
+            v = logits[n, k]
+            if v > best or (v != v and best == best):    # NumPy's argmax: the first NaN counts as the max
+                best = v
+                arg = k
+        if arg == labels[n]:
+            hits += 1.0
+    partial[t] = hits
+    cuda.syncthreads()
+    width = threads // 2
+    while width > 0:
+        if t < width:
+            partial[t] += partial[t + width]
+        cuda.syncthreads()
+        width //= 2
+    if t == 0:
+        acc[0] += weight * value[0]
+        acc[1] += partial[0]
 
 
 @gpu_kernel
@@ -138,7 +216,7 @@ def _block_sum(values, out, n, scale):
 
 def _mean_on_device(values, n: int):
     """sum(values) / n as a 0-d array on values' device: one block-sum launch, no host copy."""
-    out = xp(values).empty(1, dtype=values.dtype)
+    out = backend.empty((1,), values.dtype, values)
     launch(_block_sum, _BLOCK, values, out, n, 1.0 / n, threads=_BLOCK)
     return out.reshape(())
 
@@ -180,12 +258,33 @@ def softmax_cross_entropy_forward(logits, labels, where: str = "softmax_cross_en
     if on_gpu(logits):
         x = xp(logits)
         logits, labels = x.ascontiguousarray(logits), x.ascontiguousarray(labels)
-        grad = x.empty_like(logits)
-        row_loss = x.empty(n, dtype=logits.dtype)
+        grad = backend.empty(logits.shape, logits.dtype, logits)
+        if n <= _ONE_BLOCK_ROWS:
+            out = backend.empty((1,), logits.dtype, logits)
+            threads = backend.reduction_threads(n, _BLOCK)
+            launch(_softmax_xent_kernel, threads, logits, labels, grad, out, n, c, 1.0 / n, threads=threads)
+            return out.reshape(()), grad
+        row_loss = backend.empty((n,), logits.dtype, logits)
         launch(_softmax_xent_rows, n, logits, labels, row_loss, grad, n, c, 1.0 / n)
         return _mean_on_device(row_loss, n), grad
     check_labels(labels, c, where, n)
     return _softmax_xent_cpu(logits, labels)
+
+
+def tally(value, logits, labels, acc):
+    """Add a training step's loss and hits to the running sums ``acc`` (float64, shape (2,), on the
+    logits' device): ``acc[0] += value * N`` and ``acc[1] +=`` the rows whose argmax is the label.
+
+    One launch and no host copy on the GPU, so fit reads ``acc`` back only when it prints.
+    """
+    n, c = logits.shape
+    if on_gpu(logits):
+        threads = backend.reduction_threads(n, _BLOCK)
+        launch(_tally_kernel, threads, value.reshape(1), logits, labels, acc, n, c, float(n), threads=threads)
+        return acc
+    acc[0] += float(value) * n
+    acc[1] += int((logits.argmax(axis=1) == labels).sum())
+    return acc
 
 
 def softmax(logits):
@@ -195,7 +294,7 @@ def softmax(logits):
     if on_gpu(logits):
         x = xp(logits)
         logits = x.ascontiguousarray(logits)
-        probs = x.empty_like(logits)
+        probs = backend.empty(logits.shape, logits.dtype, logits)
         n, c = logits.shape
         launch(_softmax_rows, n, logits, probs, n, c)
         return probs

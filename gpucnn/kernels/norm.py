@@ -320,17 +320,22 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float, mom
     return y, (xhat, inv_std)
 
 
-def batchnorm_backward(gy, cache, gamma, training: bool):
+def batchnorm_backward(gy, cache, gamma, training: bool, ggamma_out=None, gbeta_out=None):
     """dL/dx, dL/dgamma, dL/dbeta of batch norm from dL/dy and the forward's cache (xhat, inv_std).
 
     ``training`` must be the mode of the forward: in training the batch statistics depend on x too.
+    ``ggamma_out``/``gbeta_out``: arrays (C,) to write the parameter gradients into (flat-buffer views).
     """
     if not on_gpu(gy):
-        return _batchnorm_backward_cpu(gy, cache, gamma, training)
+        gx, ggamma, gbeta = _batchnorm_backward_cpu(gy, cache, gamma, training)
+        for out, g in ((ggamma_out, ggamma), (gbeta_out, gbeta)):
+            if out is not None:
+                out[...] = g
+        return gx, (ggamma if ggamma_out is None else ggamma_out), (gbeta if gbeta_out is None else gbeta_out)
     xhat, inv_std = cache
     N, C, H, W = gy.shape
-    ggamma = empty((C,), gy.dtype, gy)
-    gbeta = empty((C,), gy.dtype, gy)
+    ggamma = ggamma_out if ggamma_out is not None else empty((C,), gy.dtype, gy)
+    gbeta = gbeta_out if gbeta_out is not None else empty((C,), gy.dtype, gy)
     threads = _reduce_threads(N * H * W)
     launch(_bn_grad_sums_kernel, C * threads, gy.reshape(N, C, H * W), xhat.reshape(N, C, H * W), gbeta, ggamma,
            threads=threads)

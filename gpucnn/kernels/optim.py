@@ -1,7 +1,11 @@
 """Optimizer updates, in place over (param, grad, state): SGD (momentum, Nesterov) and Adam / AdamW.
 
 Each update is one fused pass over a whole parameter array: on the GPU one CuPy ElementwiseKernel
-launch that reads grad and the state and writes param and the state; on the CPU in-place NumPy.
+launch that reads grad and the state and writes param and the state; on the CPU in-place NumPy. The
+optimizers of gpucnn.optim pass every parameter of a model at once (one flat array, see
+FlatParameters), so a training step ends with ONE update launch. The scalars (learning rate, momentum,
+Adam's bias corrections) reach the GPU kernels through a small device array, ``hyper``, so that a CUDA
+graph replaying the update reads their current values. ``clip_by_norm`` clips a flat gradient in place.
 The arithmetic is PyTorch's (torch.optim.SGD, Adam, AdamW with their defaults otherwise), so a
 model trained here and there takes the same steps.
 """
@@ -11,32 +15,87 @@ import math
 
 import numpy as np
 
-from ..backend import on_gpu
+from .. import backend
+from ..backend import cuda, gpu_kernel, launch, on_gpu
 from ..elementwise import ElementwiseKernel
 
 # ---------------------------------------------------------------------------- GPU: elementwise kernels
-# param and the state are outputs that are also read: CuPy passes outputs by reference, so the
-# kernel updates them where they lie.
-_sgd_k = ElementwiseKernel("T grad, T lr, T weight_decay", "T param",
-                           "param -= lr * (grad + weight_decay * param)", "optim_sgd")
+# param and the state are outputs that are also read: CuPy passes outputs by reference, so the kernel
+# updates them where they lie. Every scalar comes from ``hyper``, a small array on the device, not from
+# the launch's arguments: a CUDA graph that replays the update then reads the learning rate (a schedule
+# changes it) and Adam's bias corrections (they change every step) as they are now, not as they were
+# when the graph was captured. The layouts of ``hyper`` are sgd_hyper's and adam_hyper's.
+_sgd_k = ElementwiseKernel("T grad, raw T hyper", "T param",
+                           "param -= hyper[0] * (grad + hyper[2] * param)", "optim_sgd")
 _sgd_momentum_k = ElementwiseKernel(
-    "T grad, T lr, T momentum, T weight_decay, bool nesterov", "T param, T velocity",
-    """T g = grad + weight_decay * param;
+    "T grad, raw T hyper", "T param, T velocity",
+    """T lr = hyper[0];
+    T momentum = hyper[1];
+    T g = grad + hyper[2] * param;
     velocity = momentum * velocity + g;
-    param -= lr * (nesterov ? g + momentum * velocity : velocity)""",
+    param -= lr * (hyper[3] != T(0) ? g + momentum * velocity : velocity)""",
     "optim_sgd_momentum")
-# The bias corrections are computed from `step` in the kernel, so that `step` (and lr) are the only
-# scalars that change from one step to the next.
 _adam_k = ElementwiseKernel(
-    "T grad, T lr, T beta1, T beta2, T eps, T weight_decay, T step, bool decoupled", "T param, T m, T v",
-    """T g = decoupled ? grad : grad + weight_decay * param;
-    if (decoupled) param *= T(1) - lr * weight_decay;
-    m = beta1 * m + (T(1) - beta1) * g;
-    v = beta2 * v + (T(1) - beta2) * g * g;
-    T bias1 = T(1) - pow(beta1, step);
-    T bias2 = T(1) - pow(beta2, step);
-    param -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)""",
+    "T grad, raw T hyper", "T param, T m, T v",
+    """bool decoupled = hyper[10] != T(0);
+    T g = decoupled ? grad : grad + hyper[6] * param;
+    if (decoupled) param *= hyper[9];
+    m = hyper[1] * m + hyper[2] * g;
+    v = hyper[3] * v + hyper[4] * (g * g);
+    param -= hyper[7] * (m / (sqrt(v) / hyper[8] + hyper[5]))""",
     "optim_adam")
+# gradient clipping over one flat gradient: the norm's partial sums, the scale, then g *= scale
+_scale_k = ElementwiseKernel("raw T norm_and_scale", "T g", "g *= norm_and_scale[1]", "optim_scale")
+
+_BLOCK = 256        # threads of the clipping reductions (at most)
+_PARTIALS = 256     # blocks of the first reduction (at most)
+
+
+@gpu_kernel
+def _sumsq_partials_kernel(g, partials):
+    """Block b sums g[k]^2 over k = b*threads + t, then + blocks*threads, ... (float64) into partials[b]."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    b = cuda.blockIdx.x
+    stride = threads * cuda.gridDim.x
+    part = cuda.shared.array(_BLOCK, np.float64)
+    acc = 0.0
+    for k in range(b * threads + t, g.size, stride):
+        v = g[k]
+        acc += v * v
+    part[t] = acc
+    cuda.syncthreads()
+    half = threads // 2
+    while half > 0:
+        if t < half:
+            part[t] += part[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        partials[b] = part[0]
+
+
+@gpu_kernel
+def _clip_scale_kernel(partials, n_partials, max_norm, out):
+    """ONE block: norm = sqrt(sum of the partials) into out[0], min(1, max_norm / (norm + 1e-6)) into out[1]."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    part = cuda.shared.array(_BLOCK, np.float64)
+    acc = 0.0
+    for k in range(t, n_partials, threads):
+        acc += partials[k]
+    part[t] = acc
+    cuda.syncthreads()
+    half = threads // 2
+    while half > 0:
+        if t < half:
+            part[t] += part[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        norm = math.sqrt(part[0])
+        out[0] = norm
+        out[1] = min(max_norm / (norm + 1e-6), 1.0)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -48,8 +107,22 @@ def _check(fn: str, param, **arrays):
 
 
 # ---------------------------------------------------------------------------- the functions optimizers call
+def sgd_hyper(lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> list:
+    """The numbers an SGD update reads from its ``hyper`` array: [lr, momentum, weight_decay, nesterov]."""
+    return [lr, momentum, weight_decay, 1.0 if nesterov else 0.0]
+
+
+def adam_hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+               decoupled: bool = False) -> list:
+    """The numbers an Adam update reads from its ``hyper`` array, computed in double on the host:
+    [lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, lr / (1 - beta1^step),
+    sqrt(1 - beta2^step), 1 - lr * weight_decay, decoupled]."""
+    return [lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, lr / (1 - beta1 ** step),
+            math.sqrt(1 - beta2 ** step), 1 - lr * weight_decay if decoupled else 1.0, 1.0 if decoupled else 0.0]
+
+
 def sgd_update(param, grad, velocity, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-               nesterov: bool = False):
+               nesterov: bool = False, hyper=None):
     """One step of PyTorch's SGD, in place on ``param`` and ``velocity``:
 
         g = grad + weight_decay * param
@@ -57,7 +130,9 @@ def sgd_update(param, grad, velocity, lr: float, momentum: float = 0.0, weight_d
         param -= lr * step                                                  (step = g without)
 
     PyTorch's first step sets v = g; a velocity that starts at zeros gives exactly that. ``velocity``
-    may be None when momentum is 0.
+    may be None when momentum is 0. ``hyper``: on the GPU path, the same numbers already on the device
+    (``sgd_hyper``'s list, written by the optimizer each step), which the kernel reads instead of the
+    arguments; without it the arguments are put on the device first.
     """
     if momentum and velocity is None:
         raise ValueError(f"sgd_update: momentum {momentum} needs a velocity array (zeros at the first step), "
@@ -66,10 +141,12 @@ def sgd_update(param, grad, velocity, lr: float, momentum: float = 0.0, weight_d
         raise ValueError("sgd_update: Nesterov momentum needs momentum > 0, got momentum 0")
     _check("sgd_update", param, grad=grad, **({"velocity": velocity} if momentum else {}))
     if on_gpu(param):
+        if hyper is None:
+            hyper = backend.scalars(sgd_hyper(lr, momentum, weight_decay, nesterov), param.dtype, param)
         if momentum:
-            _sgd_momentum_k(grad, lr, momentum, weight_decay, bool(nesterov), param, velocity)
+            _sgd_momentum_k(grad, hyper, param, velocity)
         else:
-            _sgd_k(grad, lr, weight_decay, param)
+            _sgd_k(grad, hyper, param)
         return
     t = param.dtype.type
     g = grad + t(weight_decay) * param if weight_decay else grad
@@ -83,20 +160,24 @@ def sgd_update(param, grad, velocity, lr: float, momentum: float = 0.0, weight_d
 
 
 def adam_update(param, grad, m, v, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                step: int, decoupled: bool = False):
+                step: int, decoupled: bool = False, hyper=None):
     """One step of PyTorch's Adam (``decoupled=False``: weight decay added to the gradient) or AdamW
     (``decoupled=True``: ``param *= 1 - lr * weight_decay`` first), in place on ``param``, ``m``, ``v``:
 
         m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
         param -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
 
-    ``step`` counts from 1 (the bias corrections); m and v start at zeros.
+    ``step`` counts from 1 (the bias corrections); m and v start at zeros. ``hyper``: as in sgd_update
+    (``adam_hyper``'s list on the device).
     """
     if step < 1:
         raise ValueError(f"adam_update: step counts from 1 (it sets the bias corrections), got {step}")
     _check("adam_update", param, grad=grad, m=m, v=v)
     if on_gpu(param):
-        _adam_k(grad, lr, beta1, beta2, eps, weight_decay, step, bool(decoupled), param, m, v)
+        if hyper is None:
+            hyper = backend.scalars(adam_hyper(lr, beta1, beta2, eps, weight_decay, step, decoupled),
+                                    param.dtype, param)
+        _adam_k(grad, hyper, param, m, v)
         return
     t = param.dtype.type
     if decoupled:
@@ -114,3 +195,24 @@ def adam_update(param, grad, m, v, lr: float, beta1: float, beta2: float, eps: f
     update = m / denom
     update *= t(lr / (1 - beta1 ** step))
     param -= update
+
+
+def clip_by_norm(grad, max_norm: float):
+    """Scale the flat gradient ``grad`` in place by ``min(1, max_norm / (norm + 1e-6))``; returns its L2 norm
+    before clipping as a 0-d array on its device. Three launches on the GPU (partial sums, the scale,
+    the multiply), no host copy; the CPU skips the multiply when nothing is clipped."""
+    if on_gpu(grad):
+        threads = backend.reduction_threads(grad.size, _BLOCK)
+        blocks = max(1, min(_PARTIALS, -(-grad.size // (threads * 4))))
+        partials = backend.empty((blocks,), np.float64, grad)
+        launch(_sumsq_partials_kernel, blocks * threads, grad, partials, threads=threads)
+        out = backend.empty((2,), grad.dtype, grad)
+        threads = backend.reduction_threads(blocks, _BLOCK)
+        launch(_clip_scale_kernel, threads, partials, blocks, float(max_norm), out, threads=threads)
+        _scale_k(out, grad)
+        return out[0:1].reshape(())
+    norm = np.sqrt(np.dot(grad, grad))
+    scale = min(float(max_norm) / (float(norm) + 1e-6), 1.0)
+    if scale < 1:
+        grad *= grad.dtype.type(scale)
+    return np.asarray(norm)

@@ -5,6 +5,7 @@ A layer owns its parameters, its caches and its shape checks, and calls kernel f
 
     layer.params                  # name -> array on the device
     layer.grads                   # same keys, overwritten by backward (no accumulation)
+    layer.grad_views              # name -> where backward may write the gradient (a Sequential's flat buffer)
     layer.buffers                 # name -> array saved with the model but not trained (BatchNorm's running stats)
     layer.output_shape((C, H, W)) # shape without the batch axis, computed without running
     y  = layer.forward(x, training=True)
@@ -29,6 +30,7 @@ class Layer:
     def __init__(self):
         self.params: dict = {}
         self.grads: dict = {}
+        self.grad_views: dict = {}    # set by gpucnn.optim.FlatParameters: views of one flat gradient array
         self.buffers: dict = {}
         self.training = True
 
@@ -65,7 +67,23 @@ class Layer:
             for k, v in d.items():
                 d[k] = move(v)
         self.grads = {k: None for k in self.params}
+        self.grad_views = {}
         return self
+
+    def replay_step(self):
+        """What a training forward does on the host, for a step replayed from a CUDA graph (whose kernels
+        ran without this layer's Python): e.g. Dropout writes this step's keys and counts the step.
+        Most layers keep no such state."""
+
+    def _grad_out(self, name: str, like):
+        """Where backward writes the gradient of ``name``: its view of the flat gradient buffer when that
+        fits (the parameter's shape, ``like``'s dtype and device), else None (the kernel makes an array)."""
+        v = self.grad_views.get(name)
+        p = self.params.get(name)
+        if v is None or p is None or v.shape != p.shape or v.dtype != like.dtype \
+                or backend.is_cupy(v) != backend.is_cupy(like):
+            return None
+        return v
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

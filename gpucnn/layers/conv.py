@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import activation as A
 from ..kernels import conv as K
 from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
 
@@ -49,7 +50,8 @@ class Conv2D(Layer):
         if self.bias:
             self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
         self.grads = {k: None for k in self.params}
-        self._col = self._x_shape = self._y_shape = None
+        self._col = self._x_shape = self._y_shape = self._a = self._pool = self.switches = None
+        self._act = ("identity", 0.0)
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -63,14 +65,28 @@ class Conv2D(Layer):
         OW = conv_output_size("Conv2D", W, KW, SW, PW, "width")
         return (self.out_channels, OH, OW)
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, activation=None, pool=None):
+        """The convolution of x (N, C, H, W). A Sequential passes the activation layer that follows (and the
+        pooling layer after that) to compute them in the same epilogue kernel; backward then takes the
+        gradient of what this call returned (the pooled output) and differentiates all of it."""
         check_input("Conv2D", x, 4, "(N, C, H, W)", self.dtype, self.in_channels)
         w = self.params["weight"]
         check_same_device("Conv2D", x, w)
         out = self.output_shape(tuple(x.shape[1:]))
-        y, self._col = K.conv2d_forward(x, w, self.params.get("bias"), self.stride, self.padding)
+        kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
+        b = self.params.get("bias")
+        z, self._col = K.conv2d_gemm(x, w, self.stride, self.padding)
+        if pool is None:
+            y = A.bias_activation_nchw(z, b, kind, slope)
+            self._a, self.switches, self._pool = (y if kind != "identity" else None), None, None
+            self._y_shape = (x.shape[0],) + out
+        else:
+            spec = ("max" if pool.name == "MaxPool2D" else "avg", pool.kernel, pool.stride, pool.padding)
+            self._a, y, self.switches = A.bias_activation_pool(z, b, kind, slope, spec)
+            self._pool = spec
+            self._y_shape = tuple(y.shape)
+        self._act = (kind, slope)
         self._x_shape = tuple(x.shape)
-        self._y_shape = (x.shape[0],) + out
         return y
 
     def backward(self, gy):
@@ -80,11 +96,20 @@ class Conv2D(Layer):
                              f"expected the forward output's {self._y_shape}")
         if gy.dtype != col.dtype:
             raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {col.dtype} as the forward output")
-        gx, gw, gb = K.conv2d_backward(self._x_shape, col, self.params["weight"], gy, self.stride, self.padding,
-                                       need_gx=self.needs_input_grad, need_gb=self.bias)
-        self.grads["weight"] = gw
+        kind, slope = self._act
+        gb_out = self._grad_out("bias", gy) if self.bias else None
+        if self._pool is None:
+            gz, gb = A.activation_bias_backward(gy, self._a, kind, slope, layout="gemm", need_gb=self.bias,
+                                                gb_out=gb_out)
+        else:
+            gz, gb = A.pool_activation_bias_backward(gy, self.switches, self._a, kind, slope, self._pool,
+                                                     need_gb=self.bias, gb_out=gb_out)
+        gw_out = self._grad_out("weight", gy)
+        gx, gw = K.conv2d_gemm_backward(self._x_shape, col, self.params["weight"], gz, self.stride, self.padding,
+                                        need_gx=self.needs_input_grad, gw_out=gw_out)
+        self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
-            self.grads["bias"] = gb
+            self.grads["bias"] = gb_out if gb_out is not None else gb
         return gx
 
     def config(self):

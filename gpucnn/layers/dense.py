@@ -13,6 +13,7 @@ class Dense(Layer):
     """y = x W^T + b: weight (out_features, in_features), bias (out_features,), input (N, in_features).
 
     Weight and bias start as U(+-1/sqrt(in_features)), PyTorch's default (``init`` picks another).
+    ``needs_input_grad = False`` (as on Conv2D) makes backward skip dL/dx and return None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32",
@@ -33,7 +34,9 @@ class Dense(Layer):
         if self.use_bias:
             self.params["bias"] = init_uniform((self.out_features,), self.in_features, self.dtype, rng, init)
         self.grads = {k: None for k in self.params}
-        self._x = None
+        self.needs_input_grad = True
+        self._x = self._y = None
+        self._act = ("identity", 0.0)
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.use_bias,
@@ -48,7 +51,9 @@ class Dense(Layer):
                              f"(input shape {tuple(input_shape)})")
         return (self.out_features,)
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, activation=None):
+        """x W^T + b for x (N, in_features). A Sequential passes the activation layer that follows, to apply
+        it in the bias kernel; backward then takes the gradient of the activation's output."""
         check_input(self.name, x, None, f"(N, {self.in_features})", dtype=self.dtype)
         if x.ndim != 2:
             hint = "; use Flatten first to turn (N, C, H, W) into (N, C*H*W)" if x.ndim > 2 else \
@@ -57,8 +62,12 @@ class Dense(Layer):
         check_input(self.name, x, 2, f"(N, {self.in_features})", channels=self.in_features,
                     channel_name="features")
         check_same_device(self.name, x, self.params["weight"])
+        kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
         self._x = x
-        return K.dense_forward(x, self.params["weight"], self.params.get("bias"))
+        y = K.dense_forward(x, self.params["weight"], self.params.get("bias"), kind, slope)
+        self._y = y if kind != "identity" else None
+        self._act = (kind, slope)
+        return y
 
     def backward(self, gy):
         x = self._need("_x")
@@ -68,10 +77,15 @@ class Dense(Layer):
                              f"expected the forward output's {expected}")
         if gy.dtype != self.dtype:
             raise TypeError(f"Dense: backward got a {gy.dtype} gradient but the layer is {self.dtype.name}")
-        gx, gw, gb = K.dense_backward(x, self.params["weight"], gy, need_gx=True, need_gb=self.use_bias)
-        self.grads["weight"] = gw
+        kind, slope = self._act
+        gw_out = self._grad_out("weight", gy)
+        gb_out = self._grad_out("bias", gy) if self.use_bias else None
+        gx, gw, gb = K.dense_backward(x, self.params["weight"], gy, need_gx=self.needs_input_grad,
+                                      need_gb=self.use_bias, y=self._y, activation=kind, slope=slope,
+                                      gw_out=gw_out, gb_out=gb_out)
+        self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.use_bias:
-            self.grads["bias"] = gb
+            self.grads["bias"] = gb_out if gb_out is not None else gb
         return gx
 
 

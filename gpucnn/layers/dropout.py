@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+from .. import backend
 from ..kernels import dropout as K
 from .base import Layer, check_input
 
@@ -32,6 +33,7 @@ class Dropout(Layer):
         self.step = 0
         self._shape = None     # the last forward's input shape; None until a forward
         self._mask = None      # the last training forward's scaled mask; None when that pass was the identity
+        self._keys = None      # on the GPU path: the device array the kernel reads the keys from
 
     def forward(self, x, training=True):
         check_input(self.name, x, None, "of any shape")
@@ -41,9 +43,18 @@ class Dropout(Layer):
             if training:
                 self.step += 1
             return x
-        y, self._mask = K.dropout_forward(x, self.p, self.seed, self.step)
+        if self._keys is None or backend.is_cupy(self._keys) != backend.is_cupy(x):
+            self._keys = K.keys_buffer(x)
+        y, self._mask = K.dropout_forward(x, self.p, self.seed, self.step, keys=self._keys)
         self.step += 1
         return y
+
+    def replay_step(self):
+        """A training forward replayed from a CUDA graph: this step's keys into the array the graph's
+        kernel reads, and the step counted, as forward does."""
+        if self.p > 0 and self._keys is not None:
+            K.write_keys(self._keys, self.p, self.seed, self.step)
+        self.step += 1
 
     def backward(self, gy):
         shape = self._need("_shape")

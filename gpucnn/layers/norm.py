@@ -125,8 +125,9 @@ class BatchNorm2D(Layer):
         if tuple(gy.shape) != tuple(xhat.shape):
             raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
                              f"expected the forward output's {tuple(xhat.shape)}")
-        gx, self.grads["gamma"], self.grads["beta"] = K.batchnorm_backward(gy, self._cache, self.params["gamma"],
-                                                                           self._trained)
+        gx, self.grads["gamma"], self.grads["beta"] = K.batchnorm_backward(
+            gy, self._cache, self.params["gamma"], self._trained,
+            ggamma_out=self._grad_out("gamma", gy), gbeta_out=self._grad_out("beta", gy))
         return gx
 
     def output_shape(self, input_shape):
