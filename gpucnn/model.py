@@ -145,7 +145,8 @@ class Sequential:
         self.fuse, self.graph = bool(fuse), bool(graph)
         self._stages_for = None     # (layer ids, stages): the fusion plan, remade if the layer list changes
         self._flat = None           # FlatParameters, made at first use
-        self._steps = {}            # batch signature -> _StepCache
+        self._steps = {}            # batch signature -> _StepCache, for the loss and optimizer below
+        self._steps_owner = None    # (loss, optimizer, clip_norm) the cached steps run
         self._last_output = None    # the logits of the last train_step (a workspace array)
         if input_shape is not None:
             self.build(input_shape)
@@ -295,8 +296,10 @@ class Sequential:
             raise ValueError("Sequential.train_step: the optimizer was made for another model; "
                              "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
         flat = self.flat
-        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str, id(loss),
-               id(optimizer), clip_norm)
+        owner = (loss, optimizer, clip_norm)
+        if self._steps_owner is None or any(a is not b for a, b in zip(owner, self._steps_owner)):
+            self._steps, self._steps_owner = {}, owner      # another loss or optimizer: other steps
+        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str)
         st = self._steps.get(key)
         if st is None:
             st = self._steps[key] = _StepCache()
