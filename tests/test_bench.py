@@ -1,0 +1,136 @@
+"""The benchmarks (bench/): their --dry runs and the helpers that check results before timing.
+
+``--dry`` runs every code path of bench/layers.py and bench/train.py on the simulator, on tiny named
+shapes, checked against the CPU path (and PyTorch where installed). Each runs in a subprocess: Numba picks
+simulator or GPU once per process, and the scripts select "sim" before importing gpucnn. These are CPU-suite
+tests (the subprocess is the sim process); each takes about 10-25 s on 2 cores.
+"""
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(ROOT, "bench", "_common.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+C = _load_common()
+
+
+def run_dry(script, out_dir, *extra):
+    """Run ``bench/<script> --dry`` in a fresh process; returns (stdout, the results JSON)."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--dry", "--out", str(out_dir), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, \
+        f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    files = glob.glob(os.path.join(str(out_dir), "sim-*.json"))
+    assert len(files) == 1, f"expected one results file sim-<date>.json in {out_dir}, found {files}"
+    with open(files[0]) as f:
+        return proc.stdout, json.load(f)
+
+
+# ------------------------------------------------------------------------------------------ the dry runs
+
+@pytest.mark.parametrize("torch_side", [True, False], ids=["with-torch", "no-torch"])
+def test_layers_dry_run(tmp_path, torch_side):
+    extra = () if torch_side else ("--no-torch",)
+    out, results = run_dry("layers.py", tmp_path, *extra)
+    assert "| shape | pass | launches | err vs CPU path | err vs torch | check |" in out
+    rows = results["layers"]["rows"]
+    # every named dry shape, every pass of each op family
+    for label in ("dry.pad", "dry.stride", "dry.big", "dry.max3s2", "dry.avg2", "dry.dense", "dry.loss"):
+        assert any(r["shape"].startswith(label) for r in rows), f"{label} missing from {[r['shape'] for r in rows]}"
+    conv_passes = {r["pass"] for r in rows if r["shape"].startswith("dry.pad")}
+    assert conv_passes == {"forward", "grad-input", "grad-weight", "backward"}
+    for r in rows:
+        assert r["check"] == "ok", r
+        assert r["err_cpu_path"] <= C.TOLERANCE["sim"]
+        assert r["launches"] >= 1, f"{r['shape']} {r['pass']}: the GPU path launched nothing"
+        assert "gpucnn_ms" not in r, "--dry must not time the simulator"
+        assert ("err_torch" in r) == (torch_side and importlib.util.find_spec("torch") is not None)
+    # the machine is described
+    assert results["layers"]["machine"]["device"] == "sim"
+    assert results["layers"]["machine"]["blas_threads"] >= 1
+
+
+def test_train_dry_run(tmp_path):
+    out, results = run_dry("train.py", tmp_path)
+    assert "| net | batch | gpucnn kernels/step | gpucnn bytes alloc/step |" in out
+    assert "| lenet5 | 1 |" in out
+    (row,) = results["train"]["steps"]
+    assert row["check"] == "ok", row
+    assert row["err_cpu_path"] <= C.TOLERANCE["sim"]
+    # a LeNet-5 step launches kernels of the families it is made of (pooling and activations may be fused
+    # into other kernels), the update included; the second step is counted, the first's bytes too
+    counts = row["counts"]
+    families = {f for f, n in counts["by_family"].items() if n > 0}
+    assert {"conv", "dense", "loss", "optim"} <= families, counts["by_family"]
+    assert counts["launches"] == sum(counts["by_family"].values())
+    assert row["counts_first_step"]["bytes"] > 0, "the first step allocates at least its outputs"
+    if importlib.util.find_spec("torch") is not None:
+        assert row["err_torch_fwd32"] <= C.TOLERANCE["fp32"]
+        assert row["err_torch_step64"] <= C.TOLERANCE["fp64"]
+    # the CPU epoch comparison's code path ran and trained: both sides start from the same weights
+    run = results["train"]["epoch"]["runs"][0]
+    assert math.isfinite(run["gpucnn"]["train_loss"])
+    if "torch" in run:
+        assert run["torch"]["train_loss"] == pytest.approx(run["gpucnn"]["train_loss"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ the check helpers
+
+def test_rel_error_is_relative_to_the_largest_reference_magnitude():
+    ref = np.array([100.0, 1.0, -2.0])
+    assert C.rel_error(ref + np.array([0.0, 0.5, 0.0]), ref) == pytest.approx(0.005)
+    assert C.rel_error(ref, ref) == 0.0
+
+
+def test_rel_error_integer_arrays_must_match_exactly():
+    a = np.array([3, 7, 1], np.int32)
+    assert C.rel_error(a, a.astype(np.int64)) == 0.0
+    assert C.rel_error(a, np.array([3, 8, 1], np.int64)) == float("inf")
+
+
+def test_check_names_the_array_that_is_off():
+    good = np.ones(4)
+    bad = good.copy()
+    bad[2] = 1.01
+    assert C.check([("y", good, good)], 1e-3, "case") == 0.0
+    with pytest.raises(AssertionError, match=r"case: gw differs from the reference by 1\.000e-02"):
+        C.check([("y", good, good), ("gw", bad, good)], 1e-3, "case")
+    with pytest.raises(AssertionError, match="shape"):
+        C.check([("y", np.ones(3), good)], 1e-3, "case")
+
+
+def test_check_fails_on_nan():
+    nan = np.array([1.0, np.nan])
+    with pytest.raises(AssertionError, match="gx differs"):
+        C.check([("gx", nan, np.ones(2))], 1e-3, "case")
+
+
+def test_markdown_table_formats_cells():
+    text = C.markdown_table([("shape", "s"), ("pass", "p"), ("ms", "t")],
+                            [{"s": "lenet.c1", "p": "forward", "t": 0.123456}, {"s": "x", "p": "y", "t": None}])
+    lines = text.splitlines()
+    assert lines[0] == "| shape | pass | ms |"
+    assert lines[1] == "|---|---|---:|"
+    assert lines[2] == "| lenet.c1 | forward | 0.123 |"
+    assert lines[3] == "| x | y | - |"
+
+
+def test_blas_threads_is_a_positive_count_with_its_source():
+    n, how = C.blas_threads()
+    assert isinstance(n, int) and n >= 1
+    assert how
