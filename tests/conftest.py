@@ -6,6 +6,9 @@ Numba picks simulator or GPU once per process, so the suite runs in two processe
 A test in the wrong process is skipped with a reason that says where it runs.
 """
 import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import numpy as np
@@ -62,3 +65,32 @@ def assert_close(actual, expected, dtype=None, what=""):
         i = np.unravel_index(int(np.argmax(err)), err.shape)
         raise AssertionError(f"{what}: max error {err.max():.3e} at {i} ({a[i]!r} vs {e[i]!r}) "
                              f"> {t:g} * max|expected| {scale:.3e}")
+
+
+_REAL_GPU_COMPILE = """
+import sys
+from numba import cuda, types
+from numba.cuda import compiler
+{setup}
+for k, sig in sigs.items():
+    cres = compiler.compile_cuda(k.fn, types.void, sig, cc=(8, 0))
+    doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
+    if doubles or " double " in cres.library.get_llvm_str():
+        sys.exit(f"{{k.name}}: float64 in a float32 kernel: {{doubles}}")
+print("ok")
+"""
+
+
+def assert_compiles_for_a_real_gpu(setup: str, timeout: int = 600):
+    """Lower Numba kernels for a real GPU (cc 8.0) with no GPU present and refuse float64 arithmetic in
+    float32 kernels (10x slower on most GPUs): the simulator runs kernels as Python and would accept both.
+    ``setup`` binds each kernel module's ``cuda`` to numba.cuda and defines ``sigs``: kernel -> argument
+    types. Runs in a subprocess, since numba.cuda in this process may be the simulator."""
+    code = _REAL_GPU_COMPILE.format(setup=textwrap.dedent(setup))
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCNN_DEVICE")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    if "compile_cuda" in r.stderr and ("ImportError" in r.stderr or "AttributeError" in r.stderr):
+        pytest.skip("this numba-cuda has no numba.cuda.compiler.compile_cuda")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

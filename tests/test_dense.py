@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from gpucnn import backend, layers as L
 from gpucnn.kernels import dense as K
 from gpucnn.testing import check_backward
-from conftest import assert_close
+from conftest import assert_close, assert_compiles_for_a_real_gpu
 
 
 # ------------------------------------------------------------------------------------------------ finite differences
@@ -176,29 +176,13 @@ def test_errors():
 # ------------------------------------------------------------------------------------------------ a real GPU's compiler
 def test_bias_grad_kernel_compiles_for_a_real_gpu_in_the_input_dtype():
     """As in test_pool: the simulator would accept what a GPU cannot compile; lower it for a real one."""
-    code = textwrap.dedent("""
-        import sys
-        from numba import cuda, types
-        from numba.cuda import compiler
+    assert_compiles_for_a_real_gpu("""
         import gpucnn.kernels.dense as D
         D.cuda = cuda
         f32, a2 = types.float32, types.Array(types.float32, 2, "C")
         # (gy, y, gz, gb, kind, slope, write_gz): the bias gradient fused with the activation's backward
-        cres = compiler.compile_cuda(D._bias_grad_kernel.fn, types.void,
-                                     (a2, a2, a2, types.Array(f32, 1, "C"), types.int64, f32, types.boolean),
-                                     cc=(8, 0))
-        doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
-        if doubles or " double " in cres.library.get_llvm_str():
-            sys.exit(f"float64 in a float32 kernel: {doubles}")
-        print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCNN_DEVICE")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    if "compile_cuda" in r.stderr and ("ImportError" in r.stderr or "AttributeError" in r.stderr):
-        pytest.skip("this numba-cuda has no numba.cuda.compiler.compile_cuda")
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+        sigs = {D._bias_grad_kernel: (a2, a2, a2, types.Array(f32, 1, "C"), types.int64, f32, types.boolean)}
+    """, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------ GPU path, simulated

@@ -16,7 +16,7 @@ from gpucnn.kernels import pool as P
 from gpucnn.losses import SoftmaxCrossEntropy
 from gpucnn.model import Sequential
 from gpucnn.testing import check_backward
-from conftest import assert_close
+from conftest import assert_close, assert_compiles_for_a_real_gpu
 
 
 # ------------------------------------------------------------------------------------------------ small nets
@@ -339,10 +339,7 @@ def test_sim_fused_model_matches_cpu(act, pool, rng):
 def test_epilogue_kernels_compile_for_a_real_gpu_in_the_input_dtype():
     """As test_pool's: the simulator accepts what a GPU cannot compile; lower every new Numba kernel of the
     fused path for a real GPU in float32 and refuse float64 arithmetic in it."""
-    code = textwrap.dedent("""
-        import sys
-        from numba import cuda, types
-        from numba.cuda import compiler
+    assert_compiles_for_a_real_gpu("""
         import gpucnn.kernels.activation as A, gpucnn.kernels.conv as C
         A.cuda = C.cuda = cuda
         f32, i32, i64, b1 = types.float32, types.int32, types.int64, types.boolean
@@ -355,17 +352,4 @@ def test_epilogue_kernels_compile_for_a_real_gpu_in_the_input_dtype():
                 + (i64,) * 6,
                 C._im2col_kernel: (a(f32, 4), a(f32, 6)) + (i64,) * 4,
                 C._col2im_kernel: (a(f32, 6), a(f32, 4)) + (i64,) * 4}
-        for k, sig in sigs.items():
-            cres = compiler.compile_cuda(k.fn, types.void, sig, cc=(8, 0))
-            doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
-            if doubles or " double " in cres.library.get_llvm_str():
-                sys.exit(f"{k.name}: float64 in a float32 kernel: {doubles}")
-        print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCNN_DEVICE")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if "compile_cuda" in r.stderr and ("ImportError" in r.stderr or "AttributeError" in r.stderr):
-        pytest.skip("this numba-cuda has no numba.cuda.compiler.compile_cuda")
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 from gpucnn import backend, layers as L
 from gpucnn.kernels import pool as K
 from gpucnn.testing import check_backward
-from conftest import assert_close
+from conftest import assert_close, assert_compiles_for_a_real_gpu
 
 POOLS = [L.MaxPool2D, L.AvgPool2D]
 
@@ -270,10 +270,7 @@ def test_kernels_compile_for_a_real_gpu_in_the_input_dtype():
     """The simulator runs kernels as Python, so it accepts code a GPU cannot compile. Numba's CUDA
     front end types and lowers them to NVVM IR with no GPU present; a float32 kernel must not compute
     in float64 (10x slower on most GPUs). Runs in a subprocess: numba.cuda here may be the simulator."""
-    code = textwrap.dedent("""
-        import sys
-        from numba import cuda, types
-        from numba.cuda import compiler
+    assert_compiles_for_a_real_gpu("""
         import gpucnn.kernels.pool as P
         P.cuda = cuda
         f32, i32, i64 = types.float32, types.int32, types.int64
@@ -282,20 +279,7 @@ def test_kernels_compile_for_a_real_gpu_in_the_input_dtype():
                 P._maxpool2d_backward_kernel: (a(f32), a(i32), a(f32)) + (i64,) * 6,
                 P._avgpool2d_forward_kernel: (a(f32), a(f32)) + (i64,) * 6,
                 P._avgpool2d_backward_kernel: (a(f32), a(f32)) + (i64,) * 6}
-        for k, sig in sigs.items():
-            cres = compiler.compile_cuda(k.fn, types.void, sig, cc=(8, 0))
-            doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
-            if doubles or " double " in cres.library.get_llvm_str():
-                sys.exit(f"{k.name}: float64 in a float32 kernel: {doubles}")
-        print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCNN_DEVICE")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    if "compile_cuda" in r.stderr and ("ImportError" in r.stderr or "AttributeError" in r.stderr):
-        pytest.skip("this numba-cuda has no numba.cuda.compiler.compile_cuda")
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------------------ GPU path, simulated
