@@ -314,16 +314,24 @@ def machine(args, torch=None) -> dict:
 
 
 def save_results(args, section: str, payload: dict) -> str:
-    """Merge ``payload`` under ``section`` ("layers" or "train") into <out>/<device>-<date>.json, so both
-    scripts of one day share one file; written atomically. Returns the path."""
+    """Append ``payload`` to the list of runs under ``section`` ("layers" or "train") in
+    <out>/<device>-<date>.json: both scripts of one day share one file, and every run of the day is kept
+    (each names its machine, load and gpucnn code version), so a later run never erases an earlier one.
+    Written atomically. Returns the path."""
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.device}-{datetime.date.today().isoformat()}.json")
     data = {}
     if os.path.exists(path):
-        with contextlib.suppress(ValueError, OSError):
+        try:
             with open(path) as f:
                 data = json.load(f)
-    data[section] = payload
+        except (ValueError, OSError) as e:      # keep the unreadable file for a person to look at
+            os.replace(path, path + ".unreadable")
+            print(f"warning: {path} could not be read ({e}); moved to {path}.unreadable")
+    runs = data.get(section, [])
+    if isinstance(runs, dict):      # a file written before sections held lists: its one run comes first
+        runs = [runs]
+    data[section] = runs + [payload]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, default=float)

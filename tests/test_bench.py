@@ -48,7 +48,8 @@ def test_layers_dry_run(tmp_path, torch_side):
     extra = () if torch_side else ("--no-torch",)
     out, results = run_dry("layers.py", tmp_path, *extra)
     assert "| shape | pass | launches | err vs CPU path | err vs torch | check |" in out
-    rows = results["layers"]["rows"]
+    (run,) = results["layers"]
+    rows = run["rows"]
     # every named dry shape, every pass of each op family
     for label in ("dry.pad", "dry.stride", "dry.big", "dry.max3s2", "dry.avg2", "dry.dense", "dry.loss"):
         assert any(r["shape"].startswith(label) for r in rows), f"{label} missing from {[r['shape'] for r in rows]}"
@@ -61,15 +62,16 @@ def test_layers_dry_run(tmp_path, torch_side):
         assert "gpucnn_ms" not in r, "--dry must not time the simulator"
         assert ("err_torch" in r) == (torch_side and importlib.util.find_spec("torch") is not None)
     # the machine is described
-    assert results["layers"]["machine"]["device"] == "sim"
-    assert results["layers"]["machine"]["blas_threads"] >= 1
+    assert run["machine"]["device"] == "sim"
+    assert run["machine"]["blas_threads"] >= 1
 
 
 def test_train_dry_run(tmp_path):
     out, results = run_dry("train.py", tmp_path)
     assert "| net | batch | gpucnn kernels/step | gpucnn bytes alloc/step |" in out
     assert "| lenet5 | 1 |" in out
-    (row,) = results["train"]["steps"]
+    (train,) = results["train"]
+    (row,) = train["steps"]
     assert row["check"] == "ok", row
     assert row["err_cpu_path"] <= C.TOLERANCE["sim"]
     # a LeNet-5 step launches kernels of the families it is made of (pooling and activations may be fused
@@ -83,7 +85,7 @@ def test_train_dry_run(tmp_path):
         assert row["err_torch_fwd32"] <= C.TOLERANCE["fp32"]
         assert row["err_torch_step64"] <= C.TOLERANCE["fp64"]
     # the CPU epoch comparison's code path ran and trained: both sides start from the same weights
-    run = results["train"]["epoch"]["runs"][0]
+    run = train["epoch"]["runs"][0]
     assert math.isfinite(run["gpucnn"]["train_loss"])
     if "torch" in run:
         assert run["torch"]["train_loss"] == pytest.approx(run["gpucnn"]["train_loss"], rel=1e-3)
@@ -134,3 +136,22 @@ def test_blas_threads_is_a_positive_count_with_its_source():
     n, how = C.blas_threads()
     assert isinstance(n, int) and n >= 1
     assert how
+
+
+def test_save_results_keeps_every_run_of_the_day(tmp_path):
+    import types
+    args = types.SimpleNamespace(out=str(tmp_path), device="cpu")
+    path = C.save_results(args, "train", {"n": 1})
+    with open(path, "w") as f:              # a file in the older form: one run per section
+        json.dump({"train": {"n": 1}, "layers": {"n": 0}}, f)
+    C.save_results(args, "train", {"n": 2})
+    assert C.save_results(args, "layers", {"n": 3}) == path
+    with open(path) as f:
+        data = json.load(f)
+    assert data == {"train": [{"n": 1}, {"n": 2}], "layers": [{"n": 0}, {"n": 3}]}
+    with open(path, "w") as f:
+        f.write("{not json")
+    C.save_results(args, "train", {"n": 4})
+    with open(path) as f:
+        assert json.load(f) == {"train": [{"n": 4}]}
+    assert os.path.exists(path + ".unreadable")
