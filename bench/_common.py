@@ -349,3 +349,14 @@ def print_machine(m: dict):
     c = m["code"]
     print(f"gpucnn {v['gpucnn']} at commit {c['commit']}" + (" with gpucnn/ modified" if c["gpucnn_modified"] else "")
           + f" (sources {c['gpucnn_sources_sha256']})\n")
+
+
+def report_and_exit_code(path, failed, what: str) -> int:
+    """Say where the results went and which entries disagreed with the reference; 1 if any did."""
+    print(f"\nwrote {path}")
+    if failed:
+        print(f"{len(failed)} {what} disagree with the reference:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r['error']}", file=sys.stderr)
+        return 1
+    return 0

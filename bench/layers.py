@@ -339,13 +339,7 @@ def main():
     path = C.save_results(args, "layers", {"machine": m, "quick": args.quick, "dry": args.dry,
                                            "repeats": env.repeats, "warmup": env.warmup, "notes": notes,
                                            "tolerance": C.TOLERANCE, "rows": rows})
-    print(f"\nwrote {path}")
-    if failed:
-        print(f"{len(failed)} row(s) disagree with the reference:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return C.report_and_exit_code(path, failed, "row(s)")
 
 
 if __name__ == "__main__":

@@ -636,13 +636,7 @@ def main():
     if not args.no_epoch and args.device in ("cpu", "sim"):
         result["epoch"] = epoch_comparison(args, torch, threads)
     path = C.save_results(args, "train", result)
-    print(f"\nwrote {path}")
-    if failed:
-        print(f"{len(failed)} net(s) disagree with the reference:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return C.report_and_exit_code(path, failed, "net(s)")
 
 
 if __name__ == "__main__":
