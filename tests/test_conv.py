@@ -183,14 +183,34 @@ def test_kernel_functions_with_activation_and_no_bias(rng):
     assert_close(gx, ref_gx, "float64", "gx alone")
 
 
-@pytest.mark.parametrize("Cout,N", [(1, 8), (4, 1)])     # the CPU's weight gradient: by output rows, one GEMM
-def test_weight_gradient_both_cpu_paths(Cout, N, rng):
+@given(N=st.integers(1, 3), C=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(1, 7), KH=st.integers(1, 4),
+       KW=st.integers(1, 4), SH=st.integers(1, 3), SW=st.integers(1, 3), PH=st.integers(0, 2), PW=st.integers(0, 2),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=60, deadline=None)
+def test_cpu_row_lowering_holds_every_receptive_field_of_im2col(N, C, H, W, KH, KW, SH, SW, PH, PW, seed):
+    # the CPU's lighter lowering (MEC) must present, for output row oh, exactly im2col's columns of that row,
+    # with its rows in (kh, c, kw) order instead of (c, kh, kw)
+    assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
+    x = np.random.default_rng(seed).standard_normal((N, C, H, W))
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    blocks = K._row_blocks(K._lower_rows(x, KH, KW, SH, SW, PH, PW), KH, SH, OH)     # (OH, KH*C*KW, OW*N)
+    col = K.im2col(x, KH, KW, (SH, SW), (PH, PW)).reshape(C, KH, KW, OH, OW * N)
+    expect = col.transpose(3, 1, 0, 2, 4).reshape(OH, KH * C * KW, OW * N)
+    np.testing.assert_array_equal(blocks, expect)
+
+
+@pytest.mark.parametrize("Cout,N", [(1, 8), (4, 1), (7, 3)])
+def test_cpu_weight_gradient_into_a_flat_buffer_view(Cout, N, rng):
+    # gw is summed over output rows straight into the optimizer's flat buffer (a view), as train_step does
     x = rng.standard_normal((N, 2, 6, 5))
     w = rng.standard_normal((Cout, 2, 3, 3))
-    _, col = K.conv2d_forward(x, w, None, 1, 1)
-    gy = rng.standard_normal((N, Cout, 6, 5))
-    _, gw, _ = K.conv2d_backward(x.shape, col, w, gy, 1, 1, need_gx=False, need_gb=False)
-    assert_close(gw, reference_conv_backward(x, w, gy, (1, 1), (1, 1))[1], "float64", "gw")
+    _, col = K.conv2d_forward(x, w, None, (2, 1), 1)
+    gy = rng.standard_normal((N, Cout, 3, 5))
+    flat = np.full(w.size + 3, np.nan)
+    gz, _ = K.activation_bias_backward(gy, None, "identity", layout="gemm", need_gb=False)
+    _, gw = K.conv2d_gemm_backward(x.shape, col, w, gz, (2, 1), 1, need_gx=False, gw_out=flat[2:2 + w.size].reshape(w.shape))
+    assert_close(gw, reference_conv_backward(x, w, gy, (2, 1), (1, 1))[1], "float64", "gw")
+    assert np.shares_memory(gw, flat) and np.isnan(flat[:2]).all() and np.isnan(flat[-1])
 
 
 def test_params_init_and_config(rng):
@@ -315,7 +335,8 @@ def test_sim_forward(bias, activation, dtype, rng):
     b = b if bias else None
     y, col = K.conv2d_forward(x, w, b, SIM_STRIDE, SIM_PAD, activation, 0.1)
     with backend.cpu_path():
-        y_ref, col_ref = K.conv2d_forward(x, w, b, SIM_STRIDE, SIM_PAD, activation, 0.1)
+        y_ref, _ = K.conv2d_forward(x, w, b, SIM_STRIDE, SIM_PAD, activation, 0.1)
+        col_ref = K.im2col(x, w.shape[2], w.shape[3], SIM_STRIDE, SIM_PAD)   # the GPU keeps im2col's matrix
     assert y.dtype == np.dtype(dtype)
     assert_close(y, y_ref, dtype, f"forward ({activation})")
     assert_close(col, col_ref, dtype, "col")
@@ -326,12 +347,12 @@ def test_sim_forward(bias, activation, dtype, rng):
 @pytest.mark.parametrize("need_gx", [True, False])
 def test_sim_backward(need_gx, dtype, rng):
     x, w, _ = _sim_inputs(rng, dtype, C=1 if need_gx else 2)
-    with backend.cpu_path():
-        _, col = K.conv2d_forward(x, w, None, SIM_STRIDE, SIM_PAD)
+    _, col = K.conv2d_forward(x, w, None, SIM_STRIDE, SIM_PAD)          # each path keeps its own lowering
     gy = rng.standard_normal((x.shape[0], w.shape[0], 3, 5)).astype(dtype)
     gx, gw, gb = K.conv2d_backward(x.shape, col, w, gy, SIM_STRIDE, SIM_PAD, need_gx=need_gx)
     with backend.cpu_path():
-        gx_ref, gw_ref, gb_ref = K.conv2d_backward(x.shape, col, w, gy, SIM_STRIDE, SIM_PAD, need_gx=need_gx)
+        _, col_cpu = K.conv2d_forward(x, w, None, SIM_STRIDE, SIM_PAD)
+        gx_ref, gw_ref, gb_ref = K.conv2d_backward(x.shape, col_cpu, w, gy, SIM_STRIDE, SIM_PAD, need_gx=need_gx)
     assert_close(gw, gw_ref, dtype, "gw")
     assert_close(gb, gb_ref, dtype, "gb")
     if need_gx:

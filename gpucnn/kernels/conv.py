@@ -17,9 +17,10 @@ gradient (:mod:`gpucnn.kernels.activation`), so no pass of its own moves an acti
 
 GPU: Numba kernels for im2col (a thread per ``col`` element) and col2im (a thread per input element that
 gathers every (kh, kw, oh, ow) it was copied to: deterministic, no atomics, no zero fill); cuBLAS for the
-GEMMs, each writing into an array from ``backend.empty`` (a training step's workspace). CPU: NumPy,
-im2col as one copy of a strided view of every window, col2im as a loop over (kh, kw) of strided adds,
-OpenBLAS for the GEMMs (small ones split into a GEMM per output row, which OpenBLAS runs faster).
+GEMMs, each writing into an array from ``backend.empty`` (a training step's workspace). CPU: the same
+products on a lighter lowering (MEC: each input row copied KW times, not each window KH*KW times; see
+"the CPU's lowering" below), one OpenBLAS GEMM per output row. im2col and col2im stay the reference and
+the GPU's data movement (bench/NOTES.md: what the CPU gained when it stopped writing im2col's matrix).
 """
 from __future__ import annotations
 
@@ -134,24 +135,65 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
     return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
 
 
+# ---------------------------------------------------------------------------------------- the CPU's lowering
+# On the CPU the convolution runs on a lighter lowering than im2col (MEC, Cho and Brand 2017): each padded
+# input row is copied KW times, once per horizontal kernel offset, into Y (Hp, C, KW, OW, N). The matrix of
+# output row oh's receptive fields, rows in (kh, c, kw) order, is then KH*C*KW consecutive rows of Y: one
+# contiguous block, found by pointer arithmetic. Consecutive output rows share KH - SH of those rows, so Y
+# holds about 1/KH of im2col's copies (2.3 MB instead of 10 MB on LeNet's first layer at batch 128) and
+# every GEMM reads from cache-sized blocks. The weights are read in the same (kh, c, kw) order.
+
+def _lower_rows(x, KH: int, KW: int, SH: int, SW: int, PH: int, PW: int):
+    """Y (Hp, C, KW, OW, N) with Y[h, c, kw, ow, n] = xpad[n, c, h, ow*SW + kw] (zeros in the padding)."""
+    N, C, H, W = x.shape
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    OW = _output_size(W, KW, SW, PW)
+    xt = np.zeros((Hp, C, Wp, N), dtype=x.dtype) if (PH or PW) else np.empty((Hp, C, Wp, N), dtype=x.dtype)
+    xt[PH:PH + H, :, PW:PW + W] = x.transpose(2, 1, 3, 0)
+    sh, sc, sw, sn = xt.strides
+    Y = np.empty((Hp, C, KW, OW, N), dtype=x.dtype)
+    np.copyto(Y, as_strided(xt, (Hp, C, KW, OW, N), (sh, sc, sw, sw * SW, sn), writeable=False))
+    return Y
+
+
+def _row_blocks(Y, KH: int, SH: int, OH: int):
+    """The (OH, KH*C*KW, OW*N) view of Y whose block oh is output row oh's receptive fields (no copy)."""
+    _, C, KW, OW, N = Y.shape
+    L, it = OW * N, Y.itemsize
+    return as_strided(Y, (OH, KH * C * KW, L), (SH * C * KW * L * it, L * it, it), writeable=False)
+
+
+def _weights_khckw(w):
+    """The weights as the (Cout, KH*C*KW) matrix matching _row_blocks' row order."""
+    Cout, C, KH, KW = w.shape
+    return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(Cout, KH * C * KW)
+
+
 # ---------------------------------------------------------------------------------------- the passes
 
 def conv2d_gemm(x, w, stride, padding):
     """``(z, col)``: z = w @ im2col(x), the convolution before bias and activation, left in col's column
-    order as (Cout, OH, OW, N); the epilogues of :mod:`gpucnn.kernels.activation` finish it."""
+    order as (Cout, OH, OW, N); the epilogues of :mod:`gpucnn.kernels.activation` finish it. ``col`` is
+    what backward needs: im2col's matrix on the GPU, the lighter row lowering Y on the CPU."""
     N = x.shape[0]
     Cout, _, KH, KW = w.shape
-    col = im2col(x, KH, KW, stride, padding)
     (SH, SW), (PH, PW) = _two(stride), _two(padding)
     OH, OW = _output_size(x.shape[2], KH, SH, PH), _output_size(x.shape[3], KW, SW, PW)
-    z = _matmul_by_rows(w.reshape(Cout, -1), col, OH)                      # (Cout, OH*OW*N)
-    return z.reshape(Cout, OH, OW, N), col
+    if on_gpu(x):
+        col = im2col(x, KH, KW, stride, padding)
+        z = matmul(w.reshape(Cout, -1), col, out=backend.empty((Cout, OH * OW * N), x.dtype, x))
+        return z.reshape(Cout, OH, OW, N), col
+    Y = _lower_rows(x, KH, KW, SH, SW, PH, PW)
+    z = np.empty((Cout, OH, OW, N), dtype=x.dtype)
+    # one GEMM per output row (a batched matmul over contiguous blocks of Y), each into its slice of z
+    matmul(_weights_khckw(w), _row_blocks(Y, KH, SH, OH), out=z.reshape(Cout, OH, OW * N).transpose(1, 0, 2))
+    return z, Y
 
 
 def conv2d_forward(x, w, b, stride, padding, activation: str = "identity", slope: float = 0.01):
     """``y = act(conv(x, w) + b)`` for x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout,) or None.
 
-    Returns ``(y, col)``: y is (N, Cout, OH, OW); ``col`` is :func:`im2col` of x, kept for backward.
+    Returns ``(y, col)``: y is (N, Cout, OH, OW); ``col`` is what backward needs (see conv2d_gemm).
     Three launches on the GPU: im2col, the GEMM, and bias + activation + the move to NCHW in one.
     """
     z, col = conv2d_gemm(x, w, stride, padding)
@@ -165,15 +207,57 @@ def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = T
     gw = gz @ col.T sums over every output position and image (the weights are shared), written into
     ``gw_out`` when given (a flat gradient buffer's view); gx = col2im(w.T @ gz). None where not needed.
     """
-    Cout, _, KH, KW = w.shape
+    Cout, C, KH, KW = w.shape
     OH = gz.shape[1]
-    gz2 = gz.reshape(Cout, -1)
-    gw = _weight_grad(gz2, col, OH, gw_out).reshape(w.shape) if need_gw else None
-    gx = None
-    if need_gx:
-        gcol = _matmul_by_rows(w.reshape(Cout, -1).T, gz2, OH)             # (Cin*KH*KW, OH*OW*N)
-        gx = col2im(gcol, x_shape, KH, KW, stride, padding)
+    (SH, SW), (PH, PW) = _two(stride), _two(padding)
+    if on_gpu(gz):
+        gz2 = gz.reshape(Cout, -1)
+        gw = gx = None
+        if need_gw:
+            K = col.shape[0]
+            gw = matmul(gz2, col.T, out=gw_out.reshape(Cout, K) if gw_out is not None
+                        else backend.empty((Cout, K), col.dtype, col)).reshape(w.shape)
+        if need_gx:
+            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((col.shape[0], gz2.shape[1]), gz.dtype, gz))
+            gx = col2im(gcol, x_shape, KH, KW, stride, padding)
+        return gx, gw
+    gw = _weight_grad_rows(col, gz, KH, SH, gw_out) if need_gw else None
+    gx = _input_grad_rows(w, gz, x_shape, SH, SW, PH, PW) if need_gx else None
     return gx, gw
+
+
+def _weight_grad_rows(Y, gz, KH: int, SH: int, out=None):
+    """gw (Cout, C, KH, KW): per output row, its receptive fields (a block of Y) times its gradient, then the
+    sum over rows (the weight sharing), into ``out`` when given."""
+    Cout, OH, OW, N = gz.shape
+    C, KW = Y.shape[1], Y.shape[2]
+    parts = matmul(_row_blocks(Y, KH, SH, OH), gz.reshape(Cout, OH, OW * N).transpose(1, 2, 0))  # (OH, K, Cout)
+    if out is None:
+        out = np.empty((Cout, C, KH, KW), dtype=gz.dtype)
+    np.sum(parts.reshape(OH, KH, C, KW, Cout), axis=0, out=out.transpose(2, 1, 3, 0))
+    return out
+
+
+def _input_grad_rows(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int):
+    """gx, the adjoint of _lower_rows after the GEMM: per kernel row kh, w[:, :, kh].T @ gz gives every
+    output row's share of the input rows oh*SH + kh (added into gY, Y's shape); then each of the KW copies
+    of a row is added back at its horizontal offset."""
+    Cout, C, KH, KW = w.shape
+    N, _, H, W = x_shape
+    _, OH, OW, _ = gz.shape
+    Hp, Wp, L = H + 2 * PH, W + 2 * PW, OW * N
+    gz3 = gz.reshape(Cout, OH, L).transpose(1, 0, 2)                       # (OH, Cout, L), a view
+    wk = w.transpose(2, 1, 3, 0).reshape(KH, C * KW, Cout)                 # per kh: (C*KW, Cout)
+    gY = np.zeros((Hp, C * KW, L), dtype=gz.dtype)
+    part = np.empty((OH, C * KW, L), dtype=gz.dtype)
+    for kh in range(KH):
+        matmul(wk[kh], gz3, out=part)
+        gY[kh:kh + SH * (OH - 1) + 1:SH] += part
+    gY = gY.reshape(Hp, C, KW, OW, N)
+    gxt = np.zeros((C, Hp, Wp, N), dtype=gz.dtype)
+    for kw in range(KW):
+        gxt[:, :, kw:kw + SW * (OW - 1) + 1:SW] += gY[:, :, kw].transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
 
 
 def conv2d_backward(x_shape, col, w, gy, stride, padding, need_gx: bool = True, need_gb: bool = True,
@@ -188,44 +272,6 @@ def conv2d_backward(x_shape, col, w, gy, stride, padding, need_gx: bool = True, 
     gz, gb = activation_bias_backward(gy, None, "identity", layout="gemm", need_gb=need_gb)
     gx, gw = conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx, need_gw)
     return gx, gw, gb
-
-
-def _matmul_by_rows(a, b, OH: int):
-    """``a @ b`` for b (K, OH*OW*N); on the CPU, when ``a`` is small, computed as OH GEMMs, one per output
-    row, each writing its slice of the one result (strided views, no copy).
-
-    Measured with OpenBLAS: 1.5-3x faster than the single GEMM for LeNet's first layer (a is 6 x 25, b
-    100k columns long), no faster for larger ``a``.
-    """
-    if on_gpu(b):
-        return matmul(a, b, out=backend.empty((a.shape[0], b.shape[1]), b.dtype, b))
-    if a.size > 1024:
-        return matmul(a, b)
-    M, K = a.shape
-    L = b.shape[1] // OH
-    out = np.empty((M, b.shape[1]), dtype=b.dtype)
-    matmul(a, b.reshape(K, OH, L).transpose(1, 0, 2), out=out.reshape(M, OH, L).transpose(1, 0, 2))
-    return out
-
-
-def _weight_grad(gy2, col, OH: int, out=None):
-    """``gy2 @ col.T``, the (Cout, Cin*KH*KW) sum over the OH*OW*N columns (into ``out`` when given)."""
-    K, Cout = col.shape[0], gy2.shape[0]
-    L = col.shape[1] // OH                  # the OW*N columns of one output row
-    if on_gpu(col):
-        return matmul(gy2, col.T, out=out.reshape(Cout, K) if out is not None
-                      else backend.empty((Cout, K), col.dtype, col))
-    if 8 * Cout > L:
-        return matmul(gy2, col.T, out=None if out is None else out.reshape(Cout, K))
-    # On the CPU the same sum runs as OH GEMMs, one per output row, added afterwards: a batched matmul over
-    # strided views of the same arrays, no copy. OpenBLAS runs them up to 4x faster than the one GEMM on
-    # LeNet's layers (a 100k-long inner dimension for a 25 x 6 result is its worst case) and no slower on
-    # larger ones. The OH partial products (OH x Cin*KH*KW x Cout) are at most 1/8 of col's size.
-    rows = matmul(col.reshape(K, OH, L).transpose(1, 0, 2), gy2.reshape(Cout, OH, L).transpose(1, 2, 0))
-    if out is None:
-        return rows.sum(axis=0).T
-    np.sum(rows, axis=0, out=out.reshape(Cout, K).T)
-    return out
 
 
 def _bias_grad(gy2):
