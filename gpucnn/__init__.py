@@ -6,7 +6,8 @@
 """
 __version__ = "0.1.0"
 
-from .backend import DeviceError, asarray, device, seed, to_numpy, use_device  # noqa: F401
+from .backend import (DeviceError, asarray, device, precision, seed, set_precision, to_numpy,  # noqa: F401
+                      use_device)
 from . import layers  # noqa: F401
 from . import losses  # noqa: F401
 from . import testing  # noqa: F401

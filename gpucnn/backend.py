@@ -468,11 +468,64 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
 def matmul(a, b, out=None):
     """The GEMM of every conv and dense layer: cuBLAS through ``cupy.matmul`` on "cuda", BLAS otherwise.
 
-    On "sim" the GEMM is NumPy's: cuBLAS is not our code, so the simulator has nothing of ours to run.
+    On "sim" the GEMM is NumPy's: cuBLAS is not our code, so the simulator has nothing of ours to run
+    (under ``set_precision("tf32")`` its float32 inputs are first rounded to TF32, as the tensor cores do).
     Each call counts as one launch in :func:`gpucnn.profile`.
     """
     if _counters and on_gpu(a):
         fam = sys._getframe(1).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
         for c in _counters:
             c.count_launch(fam, "cublas")
+    if is_cupy(a):
+        if _applied != _precision:
+            _apply_precision()
+    elif _precision == "tf32" and a.dtype == np.float32 and on_gpu(a):
+        a, b = round_to_tf32(a), round_to_tf32(b)
     return xp(a).matmul(a, b, out=out)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision of the GEMMs
+
+PRECISIONS = ("fp32", "tf32")
+_precision = "fp32"
+
+
+def set_precision(precision: str) -> str:
+    """How float32 GEMMs (cuBLAS, through ``cupy.matmul``) multiply: "fp32" (full float32, the default) or
+    "tf32" (TensorFloat-32 tensor cores on compute capability >= 8.0: inputs rounded to 10 mantissa bits,
+    products summed in float32; several times the fp32 throughput). Our own Numba and elementwise kernels
+    always compute in float32, and float64 GEMMs are never affected. On "sim" the rounding is emulated so
+    tests can see it; on "cpu" BLAS has no TF32 and nothing changes. Returns the previous setting."""
+    global _precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"set_precision: expected one of {PRECISIONS}, got {precision!r}")
+    old, _precision = _precision, precision
+    return old
+
+
+def precision() -> str:
+    """The GEMM precision set by :func:`set_precision` ("fp32" unless changed)."""
+    return _precision
+
+
+_applied = None         # what CuPy was last told; matmul tells it again when set_precision changed it
+
+
+def _apply_precision():
+    # CuPy keeps one compute type per dtype for its GEMMs; DEFAULT is plain float32 (CUBLAS_COMPUTE_32F),
+    # set explicitly so that a CUPY_TF32=1 in the environment cannot turn "fp32" into TF32 unseen
+    global _applied
+    from cupy._core import _routines_linalg as linalg
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _precision == "tf32"
+                            else linalg.COMPUTE_TYPE_DEFAULT)
+    _applied = _precision
+
+
+def round_to_tf32(a):
+    """float32 ``a`` rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), as float32: what a
+    tensor core multiplies under "tf32". Infinities and NaNs pass through."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).astype(np.uint32)
+    return np.where(finite, rounded, bits).view(np.float32).reshape(np.shape(a))

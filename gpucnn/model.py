@@ -299,7 +299,8 @@ class Sequential:
         owner = (loss, optimizer, clip_norm)
         if self._steps_owner is None or any(a is not b for a, b in zip(owner, self._steps_owner)):
             self._steps, self._steps_owner = {}, owner      # another loss or optimizer: other steps
-        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str)
+        # the GEMMs' precision is part of a captured graph, so each precision has its own
+        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str, backend.precision())
         st = self._steps.get(key)
         if st is None:
             st = self._steps[key] = _StepCache()

@@ -1,0 +1,108 @@
+"""gpucnn.set_precision: "fp32" or "tf32" for the float32 GEMMs (cuBLAS on "cuda", emulated on "sim")."""
+import numpy as np
+import pytest
+
+import gpucnn
+from gpucnn import backend, layers as L
+from gpucnn.losses import SoftmaxCrossEntropy
+from conftest import assert_close
+
+
+@pytest.fixture(autouse=True)
+def fp32_after():
+    yield
+    gpucnn.set_precision("fp32")
+
+
+def tf32_reference(x):
+    """Round to an 11-bit significand (1 implicit + 10 stored), to nearest, ties away from zero, by frexp:
+    an independent twin of backend.round_to_tf32's bit arithmetic."""
+    x = np.asarray(x, np.float64)
+    m, e = np.frexp(x)                                   # x = m * 2**e, 0.5 <= |m| < 1
+    m = np.sign(m) * np.floor(np.abs(m) * 2.0 ** 11 + 0.5) / 2.0 ** 11
+    return np.ldexp(m, e).astype(np.float32)
+
+
+def test_set_precision_values_and_errors():
+    assert gpucnn.precision() == "fp32"
+    assert gpucnn.set_precision("tf32") == "fp32"
+    assert gpucnn.precision() == "tf32"
+    assert gpucnn.set_precision("fp32") == "tf32"
+    with pytest.raises(ValueError, match=r"set_precision: expected one of \('fp32', 'tf32'\), got 'fp16'"):
+        gpucnn.set_precision("fp16")
+    assert gpucnn.precision() == "fp32"
+
+
+def test_round_to_tf32_matches_an_independent_rounding(rng):
+    x = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 20, 20000))).astype(np.float32)
+    ties = np.float32(1) + np.float32(2.0 ** -11) * np.arange(1, 9, 2, dtype=np.float32)   # exactly halfway
+    x = np.concatenate([x, ties, -ties])
+    r = backend.round_to_tf32(x)
+    np.testing.assert_array_equal(r, tf32_reference(x))
+    assert (r.view(np.uint32) & 0x1FFF == 0).all()                      # 13 low mantissa bits cleared
+    assert np.abs(r - x).max() > 0 and (np.abs(r - x) <= np.abs(x) * 2.0 ** -11).all()
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], np.float32)
+    np.testing.assert_array_equal(backend.round_to_tf32(special), special)
+
+
+def test_cpu_gemms_ignore_tf32(rng):
+    # BLAS has no TF32: on "cpu" the setting changes nothing, bit for bit
+    layer = L.Dense(50, 7, rng=rng)
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    y32 = layer.forward(x)
+    gpucnn.set_precision("tf32")
+    np.testing.assert_array_equal(layer.forward(x), y32)
+
+
+@pytest.mark.sim
+def test_sim_tf32_rounds_gemm_inputs_and_float64_is_untouched(rng):
+    layer = L.Dense(300, 5, rng=rng)
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    y32 = layer.forward(x)
+    gpucnn.set_precision("tf32")
+    y = layer.forward(x)
+    w, b = layer.params["weight"], layer.params["bias"]
+    expect = tf32_reference(x).astype(np.float64) @ tf32_reference(w).astype(np.float64).T + b
+    assert_close(y, expect, "float32", "tf32 dense forward vs rounded inputs")
+    err = np.abs(y - y32).max() / np.abs(y32).max()
+    assert 1e-6 < err < 2e-3, f"tf32 vs fp32 relative difference {err:.2e}"
+    layer64 = L.Dense(300, 5, dtype="float64", rng=rng)
+    x64 = x.astype(np.float64)
+    y64 = layer64.forward(x64)
+    with backend.cpu_path():
+        np.testing.assert_array_equal(layer64.forward(x64), y64)
+
+
+@pytest.mark.sim
+def test_sim_train_step_keeps_one_step_per_precision(rng):
+    model = gpucnn.Sequential([L.Conv2D(1, 2, 3, rng=rng), L.Tanh(), L.Flatten(), L.Dense(2 * 4 * 4, 3, rng=rng)],
+                              input_shape=(1, 6, 6))
+    opt = gpucnn.optim.SGD(model, lr=0.1)
+    loss = SoftmaxCrossEntropy()
+    x = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    y = np.array([0, 2])
+    model.train_step(x, y, loss, opt)
+    gpucnn.set_precision("tf32")
+    model.train_step(x, y, loss, opt)
+    assert len(model._steps) == 2          # a captured graph bakes in cuBLAS's compute type: one per precision
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_is_cublas_tensor_float_and_fp32_is_full_float32(rng):
+    import cupy
+    a = rng.standard_normal((256, 384)).astype(np.float32)
+    b = rng.standard_normal((384, 128)).astype(np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    as_tf32 = tf32_reference(a).astype(np.float64) @ tf32_reference(b).astype(np.float64)
+
+    def rel(x, ref):
+        return np.abs(x - ref).max() / np.abs(ref).max()
+
+    ga, gb = cupy.asarray(a), cupy.asarray(b)
+    gpucnn.set_precision("fp32")
+    y32 = backend.matmul(ga, gb).get()
+    gpucnn.set_precision("tf32")
+    yt = backend.matmul(ga, gb).get()
+    assert rel(y32, exact) < 1e-5, "fp32 must not round its inputs"
+    if int(cupy.cuda.Device().compute_capability) >= 80:
+        assert rel(yt, as_tf32) < 1e-5 < rel(yt, exact), "tf32: the inputs rounded to 10 mantissa bits"
