@@ -386,7 +386,7 @@ class GPUKernel:
     def compiled(self):
         if self._jitted is None:
             numba_cuda = _numba_cuda or _import_numba_cuda(simulate=device() == "sim")
-            self.fn.__globals__["cuda"] = numba_cuda
+            bind_globals(self.fn.__globals__, numba_cuda)
             self._jitted = numba_cuda.jit(self.fn)
         return self._jitted
 
@@ -397,6 +397,42 @@ class GPUKernel:
 def gpu_kernel(fn) -> GPUKernel:
     """Decorator: declare a Numba CUDA kernel (compiled lazily, launched with :func:`launch`)."""
     return GPUKernel(fn)
+
+
+class GPUDevice:
+    """A Numba CUDA device function: code that kernels call (a block's tree sum, an activation's derivative),
+    written once. Compiled with ``cuda.jit(device=True)`` when the first kernel naming it is compiled."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self._jitted = None
+
+    def compiled(self):
+        if self._jitted is None:
+            numba_cuda = _numba_cuda or _import_numba_cuda(simulate=device() == "sim")
+            # Numba reads the function's globals when it first types a call, not here: set _jitted first,
+            # so that device functions of one module naming each other bind without recursion
+            self._jitted = numba_cuda.jit(device=True)(self.fn)
+            bind_globals(self.fn.__globals__, numba_cuda)
+        return self._jitted
+
+    def __repr__(self):
+        return f"<gpucnn device function {self.name}>"
+
+
+def gpu_device(fn) -> GPUDevice:
+    """Decorator: declare a Numba CUDA device function (compiled lazily with the kernels that call it)."""
+    return GPUDevice(fn)
+
+
+def bind_globals(namespace: dict, numba_cuda):
+    """Make a kernel module's globals compilable: its ``cuda`` becomes numba.cuda (the simulator finds kernels'
+    ``cuda`` that way) and every device function it names is compiled and put in its place."""
+    namespace["cuda"] = numba_cuda
+    for name, value in list(namespace.items()):
+        if isinstance(value, GPUDevice):
+            namespace[name] = value.compiled()
 
 
 _streams = {}

@@ -69,14 +69,30 @@ def assert_close(actual, expected, dtype=None, what=""):
 
 _REAL_GPU_COMPILE = """
 import sys
+import types as pytypes
 from numba import cuda, types
-from numba.cuda import compiler
+from numba.cuda import compiler, dispatcher
+from gpucnn import backend
+# A device function called from a kernel is compiled for "the current device", which needs a driver; with
+# none here, name the target the kernels are lowered for (cc 8.0) instead.
+dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(8, 0))
+
+
+def float64_in(cres):
+    doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
+    return doubles or (" double " in cres.library.get_llvm_str())
+
+
 {setup}
 for k, sig in sigs.items():
+    backend.bind_globals(k.fn.__globals__, cuda)       # the module's device functions, compiled
     cres = compiler.compile_cuda(k.fn, types.void, sig, cc=(8, 0))
-    doubles = sorted(str(v) for v, t in cres.type_annotation.typemap.items() if t == types.float64)
-    if doubles or " double " in cres.library.get_llvm_str():
-        sys.exit(f"{{k.name}}: float64 in a float32 kernel: {{doubles}}")
+    if float64_in(cres):
+        sys.exit(f"{{k.name}}: float64 in a float32 kernel: {{float64_in(cres)}}")
+    for name, dev in k.fn.__globals__.items():          # and in the device functions it called
+        for types_, dres in getattr(dev, "overloads", {{}}).items():
+            if any(getattr(t, "dtype", t) == types.float32 for t in types_) and float64_in(dres):
+                sys.exit(f"{{k.name}} -> {{name}}{{types_}}: float64 in a float32 device function: {{float64_in(dres)}}")
 print("ok")
 """
 

@@ -25,7 +25,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, launch, on_gpu, xp
+from ..backend import cuda, gpu_device, gpu_kernel, launch, on_gpu, xp
+from .reduce import block_sum
 from ..elementwise import ElementwiseKernel
 
 KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "identity")
@@ -59,8 +60,39 @@ _bias_act_k = {k: ElementwiseKernel("raw T b, int64 C, int64 inner, T slope", "T
 
 
 # ---------------------------------------------------------------------------- GPU: Numba kernels (fused)
-# ``kind`` is a code from _CODE. Every activation is written out inline in each kernel (kernels call no
-# device functions); sigmoid takes the branch whose exp cannot overflow.
+# ``kind`` is a code from _CODE. The activation and its derivative are device functions, written once here
+# and called by every fused kernel (the conv and dense epilogues, their backward twins).
+
+@gpu_device
+def act(kind, v, slope, zero, one):
+    """act(v) for the activation ``kind``; sigmoid takes the branch whose exp cannot overflow. ``zero``
+    and ``one`` come typed like v, so a float32 kernel stays in float32 arithmetic."""
+    if kind == 1:
+        return v if v > zero else zero
+    if kind == 2:
+        return v if v > zero else slope * v
+    if kind == 3:
+        return math.tanh(v)
+    if kind == 4:
+        if v >= zero:
+            return one / (one + math.exp(-v))
+        e = math.exp(v)
+        return e / (one + e)
+    return v
+
+
+@gpu_device
+def act_grad(kind, g, y, slope, zero, one):
+    """g * act'(x), from the activation's output y = act(x) (for ReLU, y > 0 exactly where x > 0)."""
+    if kind == 1:
+        return g if y > zero else zero
+    if kind == 2:
+        return g if y > zero else slope * g
+    if kind == 3:
+        return g * (one - y * y)
+    if kind == 4:
+        return g * y * (one - y)
+    return g
 
 @gpu_kernel
 def _bias_act_nchw_kernel(z, b, y, kind, slope, has_bias):
@@ -76,19 +108,7 @@ def _bias_act_nchw_kernel(z, b, y, kind, slope, has_bias):
         v = z[c, hw, n]
         if has_bias:
             v += b[c]
-        if kind == 1:
-            v = v if v > zero else zero
-        elif kind == 2:
-            v = v if v > zero else slope * v
-        elif kind == 3:
-            v = math.tanh(v)
-        elif kind == 4:
-            if v >= zero:
-                v = one / (one + math.exp(-v))
-            else:
-                e = math.exp(v)
-                v = e / (one + e)
-        y[n, c, hw] = v
+        y[n, c, hw] = act(kind, v, slope, zero, one)
 
 
 @gpu_kernel
@@ -118,19 +138,7 @@ def _bias_act_pool_kernel(z, b, a, p, switches, kind, slope, has_bias, is_max, K
         first = True
         for h in range(h_start, h_end):
             for w in range(w_start, w_end):
-                v = z[c, h, w, n] + bias
-                if kind == 1:
-                    v = v if v > zero else zero
-                elif kind == 2:
-                    v = v if v > zero else slope * v
-                elif kind == 3:
-                    v = math.tanh(v)
-                elif kind == 4:
-                    if v >= zero:
-                        v = one / (one + math.exp(-v))
-                    else:
-                        e = math.exp(v)
-                        v = e / (one + e)
+                v = act(kind, z[c, h, w, n] + bias, slope, zero, one)
                 a[c, h, w, n] = v
                 # as the max pooling kernel: strict '>' keeps the first maximum; a NaN wins, the first NaN stays
                 if first or v > best or (v != v and best == best):
@@ -164,16 +172,7 @@ def _act_bias_grad_kernel(gy, y, gz, gb, kind, slope, gemm_layout, write_gz):
         else:                   # j walks gy in its (n, hw) order
             n = j // HW
             hw = j - n * HW
-        g = gy[n, c, hw]
-        v = y[n, c, hw]
-        if kind == 1:
-            g = g if v > zero else zero
-        elif kind == 2:
-            g = g if v > zero else slope * g
-        elif kind == 3:
-            g = g * (one - v * v)
-        elif kind == 4:
-            g = g * v * (one - v)
+        g = act_grad(kind, gy[n, c, hw], y[n, c, hw], slope, zero, one)
         if write_gz:
             if gemm_layout:
                 gz[c, hw, n] = g
@@ -181,13 +180,7 @@ def _act_bias_grad_kernel(gy, y, gz, gb, kind, slope, gemm_layout, write_gz):
                 gz[n, c, hw] = g
         acc += g
     partial[t] = acc
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            partial[t] += partial[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(partial, t, threads)
     if t == 0:
         gb[c] = partial[0]
 
@@ -224,25 +217,11 @@ def _pool_act_bias_grad_kernel(gp, switches, a, gz, gb, kind, slope, is_max, KH,
         if not is_max:
             g = g / a.dtype.type(KH * KW)
         if covered:             # forward wrote ``a`` only where a window reads it
-            v = a[c, h, w, n]
-            if kind == 1:
-                g = g if v > zero else zero
-            elif kind == 2:
-                g = g if v > zero else slope * g
-            elif kind == 3:
-                g = g * (one - v * v)
-            elif kind == 4:
-                g = g * v * (one - v)
+            g = act_grad(kind, g, a[c, h, w, n], slope, zero, one)
         gz[c, h, w, n] = g
         acc += g
     partial[t] = acc
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            partial[t] += partial[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(partial, t, threads)
     if t == 0:
         gb[c] = partial[0]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu
-from .activation import _CODE, _check_kind, _dact_inplace, activation_forward, bias_activation
+from .activation import _CODE, _check_kind, _dact_inplace, act_grad, activation_forward, bias_activation
 
 
 @gpu_kernel
@@ -31,16 +31,7 @@ def _bias_grad_kernel(gy, y, gz, gb, kind, slope, write_gz):
     one = gy.dtype.type(1)
     acc = zero
     for n in range(N):
-        g = gy[n, f]
-        v = y[n, f]
-        if kind == 1:
-            g = g if v > zero else zero
-        elif kind == 2:
-            g = g if v > zero else slope * g
-        elif kind == 3:
-            g = g * (one - v * v)
-        elif kind == 4:
-            g = g * v * (one - v)
+        g = act_grad(kind, gy[n, f], y[n, f], slope, zero, one)
         if write_gz:
             gz[n, f] = g
         acc += g

@@ -25,6 +25,7 @@ import numpy as np
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
+from .reduce import block_sum
 
 # ---------------------------------------------------------------------------- label checks
 
@@ -100,13 +101,7 @@ def _softmax_xent_kernel(logits, labels, grad, out, n_rows, n_classes, inv_n):
             grad[n, k] *= scale
         grad[n, y] -= inv_n
     partial[t] = total
-    cuda.syncthreads()
-    width = threads // 2
-    while width > 0:
-        if t < width:
-            partial[t] += partial[t + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum(partial, t, threads)
     if t == 0:
         out[0] = partial[0] * inv_n
 
@@ -158,13 +153,7 @@ def _tally_kernel(value, logits, labels, acc, n_rows, n_classes, weight):
         if arg == labels[n]:
             hits += 1.0
     partial[t] = hits
-    cuda.syncthreads()
-    width = threads // 2
-    while width > 0:
-        if t < width:
-            partial[t] += partial[t + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum(partial, t, threads)
     if t == 0:
         acc[0] += weight * value[0]
         acc[1] += partial[0]
@@ -203,13 +192,7 @@ def _block_sum(values, out, n, scale):
     for k in range(t, n, _BLOCK):
         acc += values[k]
     partial[t] = acc
-    cuda.syncthreads()
-    width = _BLOCK // 2
-    while width > 0:
-        if t < width:
-            partial[t] += partial[t + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum(partial, t, _BLOCK)
     if t == 0:
         out[0] = partial[0] * scale
 

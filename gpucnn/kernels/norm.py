@@ -25,6 +25,7 @@ import numpy as np
 
 from ..backend import cuda, empty, gpu_kernel, launch, on_gpu
 from ..elementwise import ElementwiseKernel
+from .reduce import block_sum
 
 
 # ============================================================================ local response normalisation
@@ -165,13 +166,7 @@ def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, eps, momentum)
         n = idx // HW
         s += x[n, c, idx - n * HW]
     part[t] = s
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(part, t, threads)
     mu = part[0] / M
     cuda.syncthreads()                     # all have read part[0] before the second pass overwrites it
 
@@ -181,13 +176,7 @@ def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, eps, momentum)
         d = x[n, c, idx - n * HW] - mu
         s += d * d
     part[t] = s
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(part, t, threads)
 
     if t == 0:
         var = part[0] / M
@@ -219,14 +208,8 @@ def _bn_grad_sums_kernel(gy, xhat, gsum, gxsum):
         s_gx += g * xhat[n, c, hw]
     part_g[t] = s_g
     part_gx[t] = s_gx
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            part_g[t] += part_g[t + half]
-            part_gx[t] += part_gx[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(part_g, t, threads)
+    block_sum(part_gx, t, threads)
     if t == 0:
         gsum[c] = part_g[0]
         gxsum[c] = part_gx[0]

@@ -18,6 +18,7 @@ import numpy as np
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, on_gpu
 from ..elementwise import ElementwiseKernel
+from .reduce import block_sum
 
 # ---------------------------------------------------------------------------- GPU: elementwise kernels
 # param and the state are outputs that are also read: CuPy passes outputs by reference, so the kernel
@@ -64,13 +65,7 @@ def _sumsq_partials_kernel(g, partials):
         v = g[k]
         acc += v * v
     part[t] = acc
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(part, t, threads)
     if t == 0:
         partials[b] = part[0]
 
@@ -85,13 +80,7 @@ def _clip_scale_kernel(partials, n_partials, max_norm, out):
     for k in range(t, n_partials, threads):
         acc += partials[k]
     part[t] = acc
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_sum(part, t, threads)
     if t == 0:
         norm = math.sqrt(part[0])
         out[0] = norm
