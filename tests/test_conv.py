@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 from gpucnn import backend, layers as L
 from gpucnn.kernels import conv as K
 from gpucnn.testing import check_backward
-from conftest import assert_close
+from conftest import assert_close, assert_compiles_for_a_real_gpu
 
 
 def reference_conv(x, w, b, stride, padding):
@@ -395,3 +395,110 @@ def test_sim_shape_error_same_as_cpu():
         with pytest.raises(ValueError) as cpu:
             layer.forward(x)
     assert str(gpu.value) == str(cpu.value)
+
+
+# ------------------------------------------------------------------------------------------ im2col/col2im kernels
+# The GPU's data movement comes in two versions (K.DATA_MOVEMENT): "plain", a thread per element, and "tiled",
+# a tile of images x columns staged in shared memory. Both must give the CPU's numbers to the bit (col2im adds
+# in the CPU's order). K.TILE shrinks the tile so that tiny shapes on the simulator still cross tile edges.
+# (tile, x shape, kernel, stride, padding)
+TILED_CASES = {
+    "batch 1, wider than the tile": (2, (1, 2, 5, 6), (3, 2), (2, 1), (1, 0)),
+    "batch 3 across tiles of 2, padding": (2, (3, 1, 4, 7), (2, 3), 1, 1),
+    "batch 3 in a tile of 3 x 5 columns": (4, (3, 2, 4, 7), (3, 2), (1, 2), (0, 1)),
+    "kernel as large as the padded input": (2, (2, 2, 4, 3), (6, 5), 1, 1),
+    "stride larger than kernel (gaps)": (4, (3, 1, 7, 8), (2, 2), 3, 0),
+    "batch 33, the default tile of 32": (32, (33, 1, 3, 4), (2, 2), 1, 1),
+    "batch 33, 34 output columns, stride 2": (32, (33, 1, 2, 67), (1, 3), 2, (0, 1)),
+}
+
+
+def _launched(monkeypatch):
+    """The names of the kernels conv launches from now on (the test's spy on K.launch)."""
+    names = []
+    real = K.launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.name)
+        return real(kernel, *args, **kwargs)
+    monkeypatch.setattr(K, "launch", spy)
+    return names
+
+
+def _both_ways(x, c, kernel, stride, padding):
+    col = K.im2col(x, *kernel, stride, padding)
+    back = K.col2im(c, x.shape, *kernel, stride, padding)
+    assert col.dtype == back.dtype == x.dtype
+    return col, back
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", TILED_CASES)
+def test_sim_tiled_data_movement_equals_plain_and_cpu_to_the_bit(case, dtype, rng, monkeypatch):
+    tile, shape, kernel, stride, padding = TILED_CASES[case]
+    monkeypatch.setattr(K, "TILE", tile)
+    x = rng.standard_normal(shape).astype(dtype)
+    with backend.cpu_path():
+        col_ref = K.im2col(x, *kernel, stride, padding)
+        c = rng.standard_normal(col_ref.shape).astype(dtype)
+        back_ref = K.col2im(c, x.shape, *kernel, stride, padding)
+    launched = _launched(monkeypatch)
+    monkeypatch.setattr(K, "DATA_MOVEMENT", "tiled")
+    col_tiled, back_tiled = _both_ways(x, c, kernel, stride, padding)
+    monkeypatch.setattr(K, "DATA_MOVEMENT", "plain")
+    col_plain, back_plain = _both_ways(x, c, kernel, stride, padding)
+    assert launched == ["_im2col_tiled_kernel", "_col2im_tiled_kernel", "_im2col_kernel", "_col2im_kernel"]
+    np.testing.assert_array_equal(col_tiled, col_ref, err_msg="tiled im2col")
+    np.testing.assert_array_equal(col_plain, col_ref, err_msg="plain im2col")
+    np.testing.assert_array_equal(back_tiled, back_ref, err_msg="tiled col2im")
+    np.testing.assert_array_equal(back_plain, back_ref, err_msg="plain col2im")
+
+
+@pytest.mark.sim
+def test_sim_tiled_im2col_shrinks_its_tile_to_fit_shared_memory(rng, monkeypatch):
+    # 3 images x 7 output columns of a 3-wide kernel: (6 + 3) | 1 = 9 numbers a row, 27 in all; 80 bytes hold
+    # 3 rows of 5 (TOW 7 -> 4 -> 2), 8 bytes not one (the plain kernel instead)
+    x = rng.standard_normal((3, 2, 4, 7)).astype(np.float32)
+    with backend.cpu_path():
+        col_ref = K.im2col(x, 2, 3, 1, 1)
+    assert K._im2col_tiles(3, 7, 3, 1, 4) == (3, 7, 3 * 9 * 4)
+    monkeypatch.setattr(K, "DATA_MOVEMENT", "tiled")
+    monkeypatch.setattr(K, "SHARED_LIMIT", 80)
+    assert K._im2col_tiles(3, 7, 3, 1, 4) == (3, 2, 3 * 5 * 4)
+    launched = _launched(monkeypatch)
+    np.testing.assert_array_equal(K.im2col(x, 2, 3, 1, 1), col_ref)
+    monkeypatch.setattr(K, "SHARED_LIMIT", 8)
+    assert K._im2col_tiles(3, 7, 3, 1, 4) is None
+    np.testing.assert_array_equal(K.im2col(x, 2, 3, 1, 1), col_ref)
+    assert launched == ["_im2col_tiled_kernel", "_im2col_kernel"]
+
+
+@pytest.mark.sim
+def test_sim_unknown_data_movement_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(K, "DATA_MOVEMENT", "fast")
+    with pytest.raises(ValueError, match="conv.DATA_MOVEMENT must be 'tiled' or 'plain', got 'fast'"):
+        K.im2col(np.ones((1, 1, 3, 3), np.float32), 2, 2, 1, 0)
+
+
+def test_tile_shapes():
+    # a full batch: 32 images x 32 columns; a small batch: a wider tile of about 1024 elements
+    assert K._tile(128, 28) == (32, 28) and K._tile(33, 100) == (32, 32)
+    assert K._tile(1, 5000) == (1, 1024) and K._tile(3, 5000) == (3, 341)
+    # LeNet's first layer at batch 128 (28 output columns of a 5-wide kernel): 32 rows of 33, 4224 bytes;
+    # AlexNet's (11 wide, stride 4) at batch 128 in float64: 32 rows of 135, 34560 bytes
+    assert K._im2col_tiles(128, 28, 5, 1, 4) == (32, 28, 32 * 33 * 4)
+    assert K._im2col_tiles(128, 55, 11, 4, 8) == (32, 32, 32 * 135 * 8)
+
+
+def test_data_movement_kernels_compile_for_a_real_gpu():
+    assert_compiles_for_a_real_gpu("""
+        import gpucnn.kernels.conv as C
+        C.cuda = cuda
+        f32, i64 = types.float32, types.int64
+        a = lambda t, n: types.Array(t, n, "C")
+        sigs = {C._im2col_kernel: (a(f32, 4), a(f32, 6)) + (i64,) * 4,
+                C._col2im_kernel: (a(f32, 6), a(f32, 4)) + (i64,) * 4,
+                C._im2col_tiled_kernel: (a(f32, 4), a(f32, 6)) + (i64,) * 6,
+                C._col2im_tiled_kernel: (a(f32, 6), a(f32, 4)) + (i64,) * 6}
+    """)

@@ -15,12 +15,22 @@ adds the bias and applies the activation (and, in a Sequential, the pooling that
 as it goes, and its backward twin writes dL/dz back in the GEMM's layout while it sums the bias
 gradient (:mod:`gpucnn.kernels.activation`), so no pass of its own moves an activation between layouts.
 
-GPU: Numba kernels for im2col (a thread per ``col`` element) and col2im (a thread per input element that
-gathers every (kh, kw, oh, ow) it was copied to: deterministic, no atomics, no zero fill); cuBLAS for the
-GEMMs, each writing into an array from ``backend.empty`` (a training step's workspace). CPU: the same
-products on a lighter lowering (MEC: each input row copied KW times, not each window KH*KW times; see
-"the CPU's lowering" below), one OpenBLAS GEMM per output row. im2col and col2im stay the reference and
-the GPU's data movement (bench/NOTES.md: what the CPU gained when it stopped writing im2col's matrix).
+GPU: Numba kernels for im2col and col2im (col2im gathers, for each input element, every (kh, kw, oh, ow) it
+was copied to: deterministic, no atomics, no zero fill); cuBLAS for the GEMMs, each writing into an array
+from ``backend.empty`` (a training step's workspace). ``col`` has the batch innermost and x the width, so
+both kernels transpose; ``DATA_MOVEMENT`` (read at every call) picks how:
+
+* ``"tiled"`` (the default): a block stages a tile of TILE images by up to TILE columns (a wider tile for
+  a smaller batch) in shared memory, so that global memory is read and written along its innermost axis.
+* ``"plain"``: a thread per element, kept for comparison (bench) and as the reference of the tiled ones;
+  one side of each kernel's traffic is then strided (im2col's reads of x, col2im's reads of col).
+
+Both give the same numbers to the bit (col2im adds in the CPU's order).
+
+CPU: the same products on a lighter lowering (MEC: each input row copied KW times, not each window KH*KW
+times; see "the CPU's lowering" below), one OpenBLAS GEMM per output row. im2col and col2im stay the
+reference and the GPU's data movement (bench/NOTES.md: what the CPU gained when it stopped writing im2col's
+matrix).
 """
 from __future__ import annotations
 
@@ -30,6 +40,10 @@ from numpy.lib.stride_tricks import as_strided
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu, xp
 from .activation import activation_bias_backward, bias_activation_nchw
+
+DATA_MOVEMENT = "tiled"     # "tiled" or "plain": the GPU's im2col/col2im kernels (see above)
+TILE = 32                   # images per tile (a warp along n), and columns per tile for a full batch
+SHARED_LIMIT = 48 * 1024    # bytes of shared memory a block may ask for without opting in
 
 
 def _two(v) -> tuple:
@@ -45,6 +59,14 @@ def _output_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 # ---------------------------------------------------------------------------------------- GPU kernels
 # ``col`` reaches the kernels as its 6-d view (C, KH, KW, OH, OW, N), so that indices read as names.
+#
+# Two versions of each data-movement kernel (DATA_MOVEMENT picks one). The plain ones are a thread per
+# element: im2col's writes run along n (coalesced) but its reads x[n, c, h, w] are C*H*W apart between
+# neighbouring threads; col2im's writes run along w but its reads col[..., n] are N apart. Both are a
+# transpose between "n innermost" (col) and "w innermost" (x, gx), so the tiled ones stage a tile of
+# (images x columns) in shared memory: read global memory along w, write along n (im2col), or read along n,
+# write along w (col2im). Every col and gx element is written by exactly one block: no atomics, no zero fill.
+
 
 @gpu_kernel
 def _im2col_kernel(x, col, SH, SW, PH, PW):
@@ -67,6 +89,52 @@ def _im2col_kernel(x, col, SH, SW, PH, PW):
 
 
 @gpu_kernel
+def _im2col_tiled_kernel(x, col, SH, SW, PH, PW, TN, TOW):
+    """Block per (c, kh, oh, a tile of TOW output columns, a tile of TN images): the tile's input row
+    x[n0:n0+TN, c, h, w0:w0+span] goes to shared memory read along w, then every col[c, kh, :, oh, ow, n] of
+    the tile is written along n (for a tile holding the whole batch, one contiguous run per kw)."""
+    N, H, W = x.shape[0], x.shape[2], x.shape[3]
+    KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
+    n_tiles = (N + TN - 1) // TN
+    ow_tiles = (OW + TOW - 1) // TOW
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    S = ((TOW - 1) * SW + KW) | 1           # shared row stride per image: odd, so that the write phase's
+    zero = x.dtype.type(0)                  # reads (a warp along n) hit 32 different banks
+    tile = cuda.shared.array(0, dtype=x.dtype)
+    # a tile per block on a GPU; on "sim" one block walks every tile (a Python thread costs more than a loop)
+    for b in range(cuda.blockIdx.x, col.shape[0] * KH * OH * ow_tiles * n_tiles, cuda.gridDim.x):
+        nt = b % n_tiles
+        owt = (b // n_tiles) % ow_tiles
+        oh = (b // (n_tiles * ow_tiles)) % OH
+        kh = (b // (n_tiles * ow_tiles * OH)) % KH
+        c = b // (n_tiles * ow_tiles * OH * KH)
+        n0 = nt * TN
+        ow0 = owt * TOW
+        tn = min(TN, N - n0)                # the last tiles along n and ow may be narrower
+        tow = min(TOW, OW - ow0)
+        span = (tow - 1) * SW + KW          # the input columns the tile reads, from w0
+        h = oh * SH - PH + kh
+        w0 = ow0 * SW - PW
+        inside = 0 <= h < H                 # else this whole row of col is zero padding
+        if inside:
+            for j in range(t, tn * span, threads):
+                i = j // span
+                dw = j - i * span
+                w = w0 + dw
+                tile[i * S + dw] = x[n0 + i, c, h, w] if 0 <= w < W else zero
+        cuda.syncthreads()
+        per_kw = tow * tn
+        for j in range(t, KW * per_kw, threads):
+            kw = j // per_kw
+            r = j - kw * per_kw
+            dow = r // tn
+            i = r - dow * tn
+            col[c, kh, kw, oh, ow0 + dow, n0 + i] = tile[i * S + dow * SW + kw] if inside else zero
+        cuda.syncthreads()                  # the tile is read before the next one is loaded
+
+
+@gpu_kernel
 def _col2im_kernel(col, gx, SH, SW, PH, PW):
     # a thread per input element (a grid-stride loop, as im2col's)
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
@@ -82,10 +150,122 @@ def _col2im_kernel(col, gx, SH, SW, PH, PW):
         oh_start, oh_end = max((hp - KH + SH) // SH, 0), min(hp // SH + 1, OH)
         ow_start, ow_end = max((wp - KW + SW) // SW, 0), min(wp // SW + 1, OW)
         acc = gx.dtype.type(0)
-        for oh in range(oh_start, oh_end):
-            for ow in range(ow_start, ow_end):
+        # oh and ow downwards: kh and kw upwards, the CPU's order of addition (the same sum to the bit)
+        for oh in range(oh_end - 1, oh_start - 1, -1):
+            for ow in range(ow_end - 1, ow_start - 1, -1):
                 acc += col[c, hp - oh * SH, wp - ow * SW, oh, ow, n]
         gx[n, c, h, w] = acc
+
+
+@gpu_kernel
+def _col2im_tiled_kernel(col, gx, SH, SW, PH, PW, TN, TW):
+    """Block per (c, h, a tile of TW input columns, a tile of TN images): each thread sums the col entries
+    of its (n, w), neighbouring threads taking neighbouring n (reads along col's n), into shared memory;
+    then gx[n0:n0+TN, c, h, w0:w0+TW] is written along w."""
+    N, H, W = gx.shape[0], gx.shape[2], gx.shape[3]
+    KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
+    n_tiles = (N + TN - 1) // TN
+    w_tiles = (W + TW - 1) // TW
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    # shared stride per column: odd, so that the write phase (a warp along w) has no bank conflicts
+    S = TN | 1
+    tile = cuda.shared.array(0, dtype=gx.dtype)
+    for b in range(cuda.blockIdx.x, gx.shape[1] * H * w_tiles * n_tiles, cuda.gridDim.x):   # as im2col's
+        nt = b % n_tiles
+        wt = (b // n_tiles) % w_tiles
+        h = (b // (n_tiles * w_tiles)) % H
+        c = b // (n_tiles * w_tiles * H)
+        n0 = nt * TN
+        w0 = wt * TW
+        tn = min(TN, N - n0)
+        tw = min(TW, W - w0)
+        hp = h + PH
+        oh_start, oh_end = max((hp - KH + SH) // SH, 0), min(hp // SH + 1, OH)
+        for j in range(t, tw * tn, threads):
+            dw = j // tn
+            i = j - dw * tn
+            wp = w0 + dw + PW
+            ow_start, ow_end = max((wp - KW + SW) // SW, 0), min(wp // SW + 1, OW)
+            acc = gx.dtype.type(0)
+            for oh in range(oh_end - 1, oh_start - 1, -1):      # the plain kernel's order (the CPU's)
+                for ow in range(ow_end - 1, ow_start - 1, -1):
+                    acc += col[c, hp - oh * SH, wp - ow * SW, oh, ow, n0 + i]
+            tile[dw * S + i] = acc
+        cuda.syncthreads()
+        for j in range(t, tn * tw, threads):
+            i = j // tw
+            dw = j - i * tw
+            gx[n0 + i, c, h, w0 + dw] = tile[dw * S + i]
+        cuda.syncthreads()
+
+
+# ---------------------------------------------------------------------------------------- launching them
+
+def _tile(N: int, cols: int):
+    """(TN, TC): a tile of TN images by TC columns. TILE images when the batch has that many, and about
+    TILE*TILE elements: a small batch gets a wider tile, so that a warp still moves one contiguous run."""
+    TN = min(N, TILE)
+    return TN, min(cols, max(TILE, TILE * TILE // TN))
+
+
+def _block_threads(elements: int) -> int:
+    """Threads of a tiled block: a multiple of the warp covering ``elements``, at most 256. On "sim" at most
+    8: each is a Python thread, and each syncthreads waits for all of them (32 made these kernels 3x slower)."""
+    if backend.device() == "sim":
+        return min(8, elements)
+    return min(256, (elements + 31) // 32 * 32)
+
+
+def _blocks(tiles: int) -> int:
+    """A block per tile; one block walking them all on "sim"."""
+    return min(tiles, 1) if backend.device() == "sim" else tiles
+
+
+def _im2col_tiles(N, OW, KW, SW, itemsize):
+    """(TN, TOW, shared bytes) of the tiled im2col, the tile shrunk until its input rows fit in
+    SHARED_LIMIT; None when not even one image's one output column fits (a kernel thousands wide)."""
+    TN, TOW = _tile(N, OW)
+
+    def nbytes(TN, TOW):
+        return TN * (((TOW - 1) * SW + KW) | 1) * itemsize
+
+    while TOW > 1 and nbytes(TN, TOW) > SHARED_LIMIT:
+        TOW = (TOW + 1) // 2
+    while TN > 1 and nbytes(TN, TOW) > SHARED_LIMIT:
+        TN = (TN + 1) // 2
+    return (TN, TOW, nbytes(TN, TOW)) if nbytes(TN, TOW) <= SHARED_LIMIT else None
+
+
+def _im2col_gpu(x, col, SH, SW, PH, PW):
+    C, KH, KW, OH, OW, N = col.shape
+    tiles = _im2col_tiles(N, OW, KW, SW, x.itemsize) if _data_movement() == "tiled" and col.size else None
+    if tiles is None:
+        launch(_im2col_kernel, col.size, x, col, SH, SW, PH, PW, grid_stride=True)
+        return
+    TN, TOW, nbytes = tiles
+    blocks = _blocks(C * KH * OH * -(-OW // TOW) * -(-N // TN))
+    threads = _block_threads(max(TN * ((TOW - 1) * SW + KW), KW * TOW * TN))
+    launch(_im2col_tiled_kernel, blocks * threads, x, col, SH, SW, PH, PW, TN, TOW,
+           threads=threads, blocks=blocks, shared_bytes=nbytes)
+
+
+def _col2im_gpu(col, gx, SH, SW, PH, PW):
+    N, C, H, W = gx.shape
+    if _data_movement() == "plain" or gx.size == 0:
+        launch(_col2im_kernel, gx.size, col, gx, SH, SW, PH, PW, grid_stride=True)
+        return
+    TN, TW = _tile(N, W)
+    blocks = _blocks(C * H * -(-W // TW) * -(-N // TN))
+    threads = _block_threads(TN * TW)
+    launch(_col2im_tiled_kernel, blocks * threads, col, gx, SH, SW, PH, PW, TN, TW,
+           threads=threads, blocks=blocks, shared_bytes=TW * (TN | 1) * gx.itemsize)
+
+
+def _data_movement() -> str:
+    if DATA_MOVEMENT not in ("tiled", "plain"):
+        raise ValueError(f"conv.DATA_MOVEMENT must be 'tiled' or 'plain', got {DATA_MOVEMENT!r}")
+    return DATA_MOVEMENT
 
 
 # ---------------------------------------------------------------------------------------- im2col, col2im
@@ -98,7 +278,7 @@ def im2col(x, KH: int, KW: int, stride, padding):
     OH, OW = _output_size(H, KH, SH, PH), _output_size(W, KW, SW, PW)
     if on_gpu(x):
         col = backend.empty((C, KH, KW, OH, OW, N), x.dtype, x)
-        launch(_im2col_kernel, col.size, xp(x).ascontiguousarray(x), col, SH, SW, PH, PW, grid_stride=True)
+        _im2col_gpu(xp(x).ascontiguousarray(x), col, SH, SW, PH, PW)
         return col.reshape(C * KH * KW, OH * OW * N)
     # batch innermost from the start, so that the copy below moves contiguous runs of OW*N numbers
     xt = np.zeros((C, H + 2 * PH, W + 2 * PW, N), dtype=x.dtype)
@@ -125,7 +305,7 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
     col6 = col.reshape(C, KH, KW, OH, OW, N)
     if on_gpu(col):
         gx = backend.empty((N, C, H, W), col.dtype, col)
-        launch(_col2im_kernel, gx.size, xp(col).ascontiguousarray(col6), gx, SH, SW, PH, PW, grid_stride=True)
+        _col2im_gpu(xp(col).ascontiguousarray(col6), gx, SH, SW, PH, PW)
         return gx
     gxt = np.zeros((C, H + 2 * PH, W + 2 * PW, N), dtype=col.dtype)
     for kh in range(KH):
