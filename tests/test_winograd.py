@@ -240,3 +240,91 @@ def test_kernels_compile_for_a_real_gpu_in_float32():
                 WG._output_transform_adjoint_kernel: (a(4), a(5)),
                 WG._input_transform_adjoint_kernel: (a(5), a(4), i64, i64)}
     """)
+
+
+# ------------------------------------------------------------------------------------------------ the Conv2D switch
+
+def _twin_nets(rng, algorithm, dtype="float64"):
+    """A 3x3-conv net (fused ReLU + max pool, then tanh + avg pool, dense) with ``algorithm`` on both convs."""
+    from gpucnn import layers as L
+    seed = int(rng.integers(2 ** 31))
+    r = np.random.default_rng(seed)
+    return gpucnn.Sequential([
+        L.Conv2D(2, 4, 3, padding=1, dtype=dtype, rng=r, algorithm=algorithm), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(4, 3, 3, padding=(1, 0), dtype=dtype, rng=r, algorithm=algorithm), L.Tanh(), L.AvgPool2D(2),
+        L.Flatten(), L.Dense(3 * 2 * 1, 5, dtype=dtype, rng=r)], input_shape=(2, 8, 10))
+
+
+def test_conv2d_winograd_layer_trains_as_the_gemm_layer(rng):
+    from gpucnn.losses import SoftmaxCrossEntropy
+    seed = int(rng.integers(2 ** 31))
+    nets = {a: _twin_nets(np.random.default_rng(seed), a) for a in ("gemm", "winograd")}
+    x = rng.standard_normal((3, 2, 8, 10))
+    y = rng.integers(0, 5, 3)
+    out = {}
+    for algo, net in nets.items():
+        opt = gpucnn.optim.SGD(net, lr=0.1, momentum=0.9)
+        losses = [float(net.train_step(x, y, SoftmaxCrossEntropy(), opt)) for _ in range(3)]
+        out[algo] = (losses, [backend.to_numpy(v).copy() for l in net.layers for v in l.params.values()])
+    assert np.allclose(out["gemm"][0], out["winograd"][0], rtol=1e-12, atol=0)
+    for a, b in zip(out["gemm"][1], out["winograd"][1]):
+        assert_tight(b, a, "parameters after 3 SGD steps")
+
+
+def test_conv2d_winograd_layer_finite_differences(rng):
+    from gpucnn import layers as L
+    layer = L.Conv2D(2, 3, 3, padding=1, dtype="float64", rng=rng, algorithm="winograd")
+    check_backward(layer, rng.standard_normal((2, 2, 5, 4)))
+
+
+def test_conv2d_algorithm_errors_and_checkpoint(tmp_path, rng):
+    from gpucnn import layers as L
+    with pytest.raises(ValueError, match=r"Conv2D: algorithm 'winograd' \(F\(2x2, 3x3\)\) computes 3x3 convolutions "
+                                         r"with stride 1; this layer has a 5x5 kernel with stride \(1, 1\): use "
+                                         r"algorithm 'gemm'"):
+        L.Conv2D(1, 2, 5, algorithm="winograd")
+    with pytest.raises(ValueError, match=r"Conv2D: algorithm 'winograd' .* a 3x3 kernel with stride \(2, 2\)"):
+        L.Conv2D(1, 2, 3, stride=2, algorithm="winograd")
+    with pytest.raises(ValueError, match=r"Conv2D: algorithm must be one of \('gemm', 'winograd'\), got 'fft'"):
+        L.Conv2D(1, 2, 3, algorithm="fft")
+    layer = L.Conv2D(1, 2, 3)
+    layer.algorithm = "fast"            # changed between steps: checked at the next forward
+    with pytest.raises(ValueError, match="got 'fast'"):
+        layer.forward(np.ones((1, 1, 4, 4), np.float32))
+    assert "algorithm" not in L.Conv2D(1, 2, 3).config()    # old checkpoints (no such key) still match
+    net = _twin_nets(rng, "winograd", "float32")
+    path = net.save(str(tmp_path / "w.npz"))
+    back = gpucnn.Sequential.load(path)
+    assert [l.algorithm for l in back.layers if isinstance(l, L.Conv2D)] == ["winograd", "winograd"]
+    x = rng.standard_normal((2, 2, 8, 10)).astype(np.float32)
+    np.testing.assert_array_equal(back.forward(x, training=False), net.forward(x, training=False))
+
+
+def test_models_use_winograd_only_where_it_applies():
+    m = gpucnn.models.alexnet(init="zeros", winograd=True)
+    from gpucnn import layers as L
+    assert [l.algorithm for l in m.layers if isinstance(l, L.Conv2D)] == ["gemm", "gemm", "winograd", "winograd",
+                                                                          "winograd"]
+    gpucnn.models.use_winograd(m, on=False)
+    assert {l.algorithm for l in m.layers if isinstance(l, L.Conv2D)} == {"gemm"}
+
+
+@pytest.mark.sim
+def test_sim_winograd_net_train_step_matches_cpu(rng):
+    from gpucnn.losses import SoftmaxCrossEntropy
+    seed = int(rng.integers(2 ** 31))
+    x = rng.standard_normal((2, 2, 8, 10)).astype(np.float32)
+    y = rng.integers(0, 5, 2)
+    results = []
+    for cpu in (False, True):
+        net = _twin_nets(np.random.default_rng(seed), "winograd", "float32")
+        opt = gpucnn.optim.SGD(net, lr=0.1)
+        if cpu:
+            with backend.cpu_path():
+                loss = net.train_step(x, y, SoftmaxCrossEntropy(), opt)
+        else:
+            loss = net.train_step(x, y, SoftmaxCrossEntropy(), opt)
+        results.append((float(loss), [backend.to_numpy(v).copy() for l in net.layers for v in l.params.values()]))
+    assert abs(results[0][0] - results[1][0]) <= 1e-5 * abs(results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_close(a, b, "float32", "parameters after a step, sim vs CPU")

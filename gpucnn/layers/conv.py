@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from ..kernels import activation as A
 from ..kernels import conv as K
+from ..kernels import winograd as WG
 from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
 
 __all__ = ["Conv2D"]
@@ -16,10 +18,16 @@ class Conv2D(Layer):
     ``kernel_size``, ``stride`` and ``padding`` are an int or an (H, W) pair; padding is zeros. Output size
     per axis: O = floor((W - K + 2P) / S) + 1. Set ``needs_input_grad = False`` on a network's first layer:
     backward then skips the input gradient (nothing upstream wants it) and returns None.
+
+    ``algorithm``: "gemm" (im2col + GEMM, any shape) or "winograd" (F(2x2, 3x3): 3x3 kernels with stride 1
+    only; 4 multiplications per output and channel instead of 9, see gpucnn.kernels.winograd). Both give the
+    same result within float rounding; the attribute may be changed between steps.
     """
 
+    ALGORITHMS = ("gemm", "winograd")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
-                 dtype="float32", init="default", rng=None):
+                 dtype="float32", init="default", rng=None, algorithm: str = "gemm"):
         super().__init__()
         for what, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
@@ -42,6 +50,8 @@ class Conv2D(Layer):
         self.bias = bool(bias)
         self.init = init
         self.needs_input_grad = True
+        self.algorithm = algorithm
+        self._check_algorithm()
 
         KH, KW = self.kernel_size
         fan_in = self.in_channels * KH * KW
@@ -51,7 +61,16 @@ class Conv2D(Layer):
             self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
         self.grads = {k: None for k in self.params}
         self._col = self._x_shape = self._y_shape = self._a = self._pool = self.switches = None
+        self._algo = algorithm
         self._act = ("identity", 0.0)
+
+    def _check_algorithm(self):
+        if self.algorithm not in self.ALGORITHMS:
+            raise ValueError(f"Conv2D: algorithm must be one of {self.ALGORITHMS}, got {self.algorithm!r}")
+        if self.algorithm == "winograd" and not WG.winograd_supported(self.kernel_size, self.stride):
+            (KH, KW), (SH, SW) = self.kernel_size, self.stride
+            raise ValueError(f"Conv2D: algorithm 'winograd' (F(2x2, 3x3)) computes 3x3 convolutions with stride 1; "
+                             f"this layer has a {KH}x{KW} kernel with stride ({SH}, {SW}): use algorithm 'gemm'")
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -75,7 +94,12 @@ class Conv2D(Layer):
         out = self.output_shape(tuple(x.shape[1:]))
         kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
         b = self.params.get("bias")
-        z, self._col = K.conv2d_gemm(x, w, self.stride, self.padding)
+        self._check_algorithm()
+        self._algo = self.algorithm             # backward must differentiate what forward ran
+        if self._algo == "winograd":
+            z, self._col = WG.winograd_gemm(x, w, self.padding)
+        else:
+            z, self._col = K.conv2d_gemm(x, w, self.stride, self.padding)
         if pool is None:
             y = A.bias_activation_nchw(z, b, kind, slope)
             self._a, self.switches, self._pool = (y if kind != "identity" else None), None, None
@@ -85,6 +109,8 @@ class Conv2D(Layer):
             self._a, y, self.switches = A.bias_activation_pool(z, b, kind, slope, spec)
             self._pool = spec
             self._y_shape = tuple(y.shape)
+        if z is not self._a:            # (the CPU's epilogue computes ``a`` in z's memory)
+            backend.release(z)
         self._act = (kind, slope)
         self._x_shape = tuple(x.shape)
         return y
@@ -94,8 +120,8 @@ class Conv2D(Layer):
         if tuple(gy.shape) != self._y_shape:
             raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
                              f"expected the forward output's {self._y_shape}")
-        if gy.dtype != col.dtype:
-            raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {col.dtype} as the forward output")
+        if gy.dtype != self.dtype:
+            raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {self.dtype} as the forward output")
         kind, slope = self._act
         gb_out = self._grad_out("bias", gy) if self.bias else None
         if self._pool is None:
@@ -105,11 +131,18 @@ class Conv2D(Layer):
             gz, gb = A.pool_activation_bias_backward(gy, self.switches, self._a, kind, slope, self._pool,
                                                      need_gb=self.bias, gb_out=gb_out)
         gw_out = self._grad_out("weight", gy)
-        gx, gw = K.conv2d_gemm_backward(self._x_shape, col, self.params["weight"], gz, self.stride, self.padding,
-                                        need_gx=self.needs_input_grad, gw_out=gw_out)
+        w = self.params["weight"]
+        if self._algo == "winograd":
+            gx, gw = WG.winograd_gemm_backward(self._x_shape, col, w, gz, self.padding,
+                                               need_gx=self.needs_input_grad, gw_out=gw_out)
+        else:
+            gx, gw = K.conv2d_gemm_backward(self._x_shape, col, w, gz, self.stride, self.padding,
+                                            need_gx=self.needs_input_grad, gw_out=gw_out)
         self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
             self.grads["bias"] = gb_out if gb_out is not None else gb
+        # in a training step nothing reads these again: their memory may serve the layers below
+        backend.release(gz, *(col if isinstance(col, tuple) else (col,)), self._a, self.switches)
         return gx
 
     def config(self):
@@ -117,4 +150,6 @@ class Conv2D(Layer):
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "bias": self.bias, "dtype": self.dtype.name,
                 # a callable initialiser cannot be saved; a loaded model's weights replace it anyway
-                "init": self.init if isinstance(self.init, str) else "default"}
+                "init": self.init if isinstance(self.init, str) else "default",
+                # only when not the default, so checkpoints written before the switch existed still match
+                **({"algorithm": self.algorithm} if self.algorithm != "gemm" else {})}
