@@ -224,41 +224,120 @@ def _count_alloc(shape, dtype, like, depth=3):
 
 
 class Arena:
-    """The buffers one kind of step allocates, in the order it asks for them.
+    """The buffers one kind of step allocates, in the order it asks for them, planned to the step's peak.
 
     Inside ``with workspace(arena):`` the k-th :func:`empty` or :func:`zeros` call gets the arena's k-th
     buffer when its shape, dtype and device match, and allocates (and keeps) a new one otherwise. A step
     that runs the same code on the same shapes therefore allocates nothing from its second run on. What a
     step gets from its arena is overwritten by the next run of that step: callers keep nothing across runs.
-    The price: one buffer per request, so an arena holds the sum of a step's allocations, where a memory
-    pool would hand a block freed early in the step (an input-gradient GEMM's output, once col2im has
-    read it) to a later request.
+
+    The first run also records each buffer's lifetime: from its request to the :func:`release` that says
+    nobody reads it again (an input-gradient GEMM's output once col2im has read it, a layer's im2col matrix
+    once its backward is done), or to the step's end. At the end of that run the buffers are laid out in
+    one block of memory, greedily, largest first, each at the lowest offset free throughout its lifetime
+    (buffers that never live at the same time share memory), so the arena holds the step's peak rather
+    than the sum of everything it asked for. Planned only for the GPU path (CuPy arrays, or NumPy under
+    "sim"), where the step's code path is fixed; a run that asks for something else drops the plan and
+    records again.
     """
+
+    ALIGN = 256                 # bytes: every planned buffer starts on a 256-byte boundary (cudaMalloc's)
+    PLAN = True                 # False: one separate buffer per request (what tests compare the plan with)
 
     def __init__(self):
         self.buffers = []
         self.cursor = 0
+        self.clock = 0
+        self.spans = []         # per request of the recording run: [birth, death or None (the step's end)]
+        self.recording = True
+        self.slab = None
+        self._live = {}         # address of a buffer handed out this run -> its request index
+        self.sum_bytes = 0      # what separate buffers would hold (the arena before planning)
+
+    def begin(self):
+        self.cursor = 0
+        self.clock = 0
+        self._live = {}
 
     def take(self, shape, dtype, like):
         shape = tuple(int(s) for s in shape) if not isinstance(shape, (int, np.integer)) else (int(shape),)
         dtype = np.dtype(dtype)
         k = self.cursor
         self.cursor += 1
-        if k < len(self.buffers):
-            a = self.buffers[k]
-            if a.shape == shape and a.dtype == dtype and is_cupy(a) == is_cupy(like):
-                return a
-        _count_alloc(shape, dtype, like, depth=4)
-        a = xp(like).empty(shape, dtype=dtype)
-        if k < len(self.buffers):
-            self.buffers[k] = a
-        else:
-            self.buffers.append(a)
+        a = self.buffers[k] if k < len(self.buffers) else None
+        if a is None or a.shape != shape or a.dtype != dtype or is_cupy(a) != is_cupy(like):
+            _count_alloc(shape, dtype, like, depth=4)
+            a = xp(like).empty(shape, dtype=dtype)
+            if k < len(self.buffers):
+                self.buffers[k] = a
+            else:
+                self.buffers.append(a)
+            if not self.recording:              # another code path than the one planned: record it anew
+                self.recording = True
+        if self.recording:
+            del self.spans[k:]
+            self.spans.append([self.clock, None])
+        self.clock += 1
+        if a.size:
+            self._live[_address(a)] = k
         return a
+
+    def release(self, a):
+        """``a`` (a buffer this run handed out, or a view starting where it starts) is read no more this run."""
+        k = self._live.pop(_address(a), None) if getattr(a, "size", 0) else None
+        if k is None:
+            return
+        if self.recording and k < len(self.spans):
+            self.spans[k][1] = self.clock
+        self.clock += 1
+
+    def end(self):
+        """After a run: lay the recorded buffers out by lifetime (once per recording)."""
+        if not self.PLAN or not self.recording or self.cursor != len(self.buffers) or not self.buffers:
+            return
+        if not all(on_gpu(a) for a in self.buffers) or len({is_cupy(a) for a in self.buffers}) != 1:
+            return
+        sizes = [int(a.nbytes) for a in self.buffers]
+        self.sum_bytes = sum(sizes)
+        end = self.clock + 1
+        spans = [(b, end if d is None else d) for b, d in self.spans]
+        offsets, total = _plan(sizes, spans, self.ALIGN)
+        _count_alloc((max(total, 1),), np.uint8, self.buffers[0], depth=2)
+        slab = xp(self.buffers[0]).empty(max(total, 1), dtype=np.uint8)
+        self.buffers = [slab[o:o + n].view(a.dtype).reshape(a.shape)
+                        for a, o, n in zip(self.buffers, offsets, sizes)]
+        self.slab = slab
+        self.recording = False
 
     @property
     def nbytes(self) -> int:
+        """Device bytes the arena holds: the planned block, or the separate buffers while recording."""
+        if self.slab is not None and not self.recording:
+            return int(self.slab.nbytes)
         return sum(int(a.nbytes) for a in self.buffers)
+
+
+def _plan(sizes, spans, align):
+    """Offsets for buffers of ``sizes`` bytes alive over ``spans`` [birth, death): largest first, each at the
+    lowest aligned offset that no placed buffer alive at the same time covers. Returns (offsets, total)."""
+    offsets = [0] * len(sizes)
+    placed = []                                         # (offset, end, birth, death)
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        b, d = spans[k]
+        busy = sorted((o, e) for o, e, pb, pd in placed if pb < d and b < pd)
+        off = 0
+        for o, e in busy:
+            if off + sizes[k] <= o:
+                break
+            off = max(off, -(-e // align) * align)
+        offsets[k] = off
+        placed.append((off, off + sizes[k], b, d))
+    return offsets, max((o + n for o, n in zip(offsets, sizes)), default=0)
+
+
+def _address(a) -> int:
+    """Where ``a``'s first element lives (device or host)."""
+    return int(a.data.ptr) if is_cupy(a) else int(a.__array_interface__["data"][0])
 
 
 _arena = None
@@ -269,11 +348,26 @@ def workspace(arena: Arena):
     """Within this block :func:`empty`/:func:`zeros` hand out ``arena``'s buffers in order (see Arena)."""
     global _arena
     old, _arena = _arena, arena
-    arena.cursor = 0
+    arena.begin()
     try:
         yield arena
     finally:
         _arena = old
+    arena.end()
+
+
+def in_workspace() -> bool:
+    """True inside :func:`workspace` (a training step): arrays made now are the step's own."""
+    return _arena is not None
+
+
+def release(*arrays):
+    """Say that nothing reads these arrays again in this training step, so the workspace may hand their memory
+    to a later request (see Arena). Outside a workspace, or for arrays it did not hand out, nothing happens."""
+    if _arena is not None:
+        for a in arrays:
+            if a is not None and hasattr(a, "shape"):
+                _arena.release(a)
 
 
 @contextlib.contextmanager

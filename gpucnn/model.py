@@ -233,8 +233,12 @@ class Sequential:
 
     def forward(self, x, training: bool = True):
         """Run the layers on a float batch already in the model's dtype (no standardisation)."""
+        outputs = []
         for stage in self.stages:
             x = stage.forward(x, training)
+            outputs.append(x)
+        # a training step (inside its workspace) lets backward release each stage's output once it is done
+        self._outputs = outputs if backend.in_workspace() else None
         return x
 
     def backward(self, gy):
@@ -249,7 +253,9 @@ class Sequential:
         stages = self.stages
         first = next((k for k, st in enumerate(stages) if any(l.params for l in st.layers)), len(stages))
         for k in range(len(stages) - 1, first, -1):
+            g_in = gy
             gy = stages[k].backward(gy)
+            self._release_after_backward(k, g_in, gy)
         if first < len(stages):
             head = stages[first].head
             skip = hasattr(head, "needs_input_grad")
@@ -261,6 +267,19 @@ class Sequential:
             finally:
                 if skip:
                     head.needs_input_grad = saved
+
+    def _release_after_backward(self, k, g_in, g_out):
+        """Within a training step, after stage k's backward: its incoming gradient and its output are read by
+        nobody again (stage k + 1, which read the output, and stage k, which may have kept it, are done), so
+        the workspace may reuse their memory. Not the logits (the step returns them), and not what is a view
+        of what an earlier stage still needs (Flatten's output is its input; a gradient passed on as a view)."""
+        outputs = getattr(self, "_outputs", None)
+        if outputs is None or not backend.in_workspace():
+            return
+        if g_out is None or not _overlap(g_in, g_out):
+            backend.release(g_in)
+        if k < len(outputs) - 1 and not _overlap(outputs[k], outputs[k - 1] if k > 0 else None):
+            backend.release(outputs[k])
 
     @property
     def flat(self) -> FlatParameters:
@@ -805,6 +824,14 @@ class Sequential:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit: {e}") from None
         return t
+
+
+def _overlap(a, b) -> bool:
+    """Whether arrays a and b share any memory (by address range; b may be None)."""
+    if b is None or not getattr(a, "size", 0) or not getattr(b, "size", 0):
+        return False
+    a0, b0 = backend._address(a), backend._address(b)
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def _correct(pred, yb):

@@ -400,6 +400,7 @@ def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = T
         if need_gx:
             gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((col.shape[0], gz2.shape[1]), gz.dtype, gz))
             gx = col2im(gcol, x_shape, KH, KW, stride, padding)
+            backend.release(gcol)       # as large as col: its memory goes to the next request of the step
         return gx, gw
     gw = _weight_grad_rows(col, gz, KH, SH, gw_out) if need_gw else None
     gx = _input_grad_rows(w, gz, x_shape, SH, SW, PH, PW) if need_gx else None

@@ -379,8 +379,11 @@ def winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx: bool = True,
         gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
         gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
         gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(w.shape)   # G^T gU G
+        backend.release(gU)
     if need_gx:
         gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
         matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))
         gx = _input_transform_adjoint(gV, x_shape, PH, PW)
+        backend.release(gV)
+    backend.release(gM)                 # read by no one else: a later request of the step may have the memory
     return gx, gw
