@@ -1,6 +1,13 @@
 """Each op of a training step, gpucnn beside PyTorch in the same run: convolutions (forward, grad-input,
 grad-weight, the whole backward), pooling, dense layers and softmax cross-entropy.
 
+Convolutions run by each algorithm gpucnn has for their shape (the "algo" column and field): "gemm"
+(im2col + GEMM, every shape) and, for 3x3 stride-1 shapes, "winograd" (F(2x2, 3x3)). The variants of one
+pass are timed in the same rounds as one PyTorch call, whose time is the denominator of each one's ratio.
+On the GPU path im2col and col2im are timed alone too (passes "im2col", "col2im"), by the "tiled" and the
+"plain" kernels of conv.DATA_MOVEMENT (the "data_movement" field, shown in the "algo" column), checked
+against the CPU path's; PyTorch has no such op. The CPU conv no longer uses im2col: no such rows on "cpu".
+
     python bench/layers.py                # the device gpucnn picks: "cuda" where CuPy finds a GPU, else "cpu"
     python bench/layers.py --device cpu --quick
     python bench/layers.py --dry          # every code path on "sim", tiny shapes, checked, no timings
@@ -22,13 +29,15 @@ def _extra_args(p):
 
 ARGS = C.parse_args("gpucnn's ops beside PyTorch's, per pass.", _extra_args)   # before gpucnn is imported
 
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import gpucnn  # noqa: E402
 from gpucnn import backend  # noqa: E402
-from gpucnn.kernels import conv as KC, dense as KD, loss as KL, pool as KP  # noqa: E402
+from gpucnn.kernels import conv as KC, dense as KD, loss as KL, pool as KP, winograd as KWG  # noqa: E402
+from gpucnn.kernels.activation import activation_bias_backward, bias_activation_nchw  # noqa: E402
 
 # (N, C, H, W, K, kernel, stride, pad), the shapes of issue 6 (AlexNet's are gpucnn's, one tower)
 CONV = {
@@ -51,7 +60,9 @@ XENT = {"lenet.loss": (256, 10), "alexnet.loss": (128, 1000)}           # (N, cl
 # --dry: one small shape of each kind, a few hundred simulated threads per launch at most
 DRY_CONV = {"dry.pad": (1, 1, 6, 6, 2, 3, 1, 1),          # stride 1, zero padding
             "dry.stride": (1, 2, 7, 7, 2, 3, 2, 0),       # stride 2, no padding
-            "dry.big": (1, 3, 9, 9, 2, 5, 4, 2)}          # kernel > stride, padded: AlexNet c1's kind
+            "dry.big": (1, 3, 9, 9, 2, 5, 4, 2),          # kernel > stride, padded: AlexNet c1's kind
+            "dry.odd": (2, 2, 5, 5, 3, 3, 1, 1)}          # 3x3/1, odd output (Winograd crops its last tiles):
+                                                          # AlexNet c3-c5's kind
 DRY_MAXPOOL = {"dry.max3s2": (1, 2, 7, 7, 3, 2)}
 DRY_AVGPOOL = {"dry.avg2": (1, 2, 6, 6, 2, 2)}
 DRY_DENSE = {"dry.dense": (2, 8, 4)}
@@ -92,29 +103,69 @@ class Env:
         return max(1, n // self.batch_div)
 
     def time(self, ours, theirs=None):
-        """Per-call seconds of gpucnn's fn and of PyTorch's (None without it)."""
+        """Per-call seconds of each of gpucnn's fns (a list: the variants of one pass, timed in the same rounds)
+        and of PyTorch's (None without it)."""
         if self.device == "cuda":
-            runs = [(ours, C.cupy_time)] + ([(theirs, C.torch_cuda_time(self.torch))] if theirs else [])
+            runs = [(fn, C.cupy_time) for fn in ours] + ([(theirs, C.torch_cuda_time(self.torch))] if theirs else [])
         else:
-            runs = [(ours, C.wall_time)] + ([(theirs, C.wall_time)] if theirs else [])
+            runs = [(fn, C.wall_time) for fn in ours] + ([(theirs, C.wall_time)] if theirs else [])
         times = C.time_each(runs, self.repeats, self.warmup, self.rounds)
-        return times[0], (times[1] if theirs else None)
+        return times[:len(ours)], (times[-1] if theirs else None)
 
 
 class Case:
     """One row: a pass of one op at one shape, as gpucnn and as PyTorch compute it.
 
     ``ours()`` returns gpucnn's outputs (device arrays), ``theirs()`` PyTorch's (tensors) in the same order,
-    named by ``outputs``; ``theirs`` is None without PyTorch."""
+    named by ``outputs``; ``theirs`` is None without PyTorch (or where PyTorch has no such op). ``fields``
+    go into the row as they are (``{"algo": "winograd"}``). ``cpu_ref()``, where given, returns the CPU
+    path's outputs as host arrays, checked on every device (on --dry without it: ``ours()`` under
+    ``backend.cpu_path()``)."""
 
-    def __init__(self, shape, dims, pass_, outputs, ours, theirs):
+    def __init__(self, shape, dims, pass_, outputs, ours, theirs, fields=None, cpu_ref=None):
         self.shape, self.dims, self.pass_, self.outputs = shape, dims, pass_, outputs
         self.ours, self.theirs = ours, theirs
+        self.fields, self.cpu_ref = fields or {}, cpu_ref
 
 
 # ------------------------------------------------------------------------------------------ the cases
 
-def conv_cases(env, label, dims):
+def winograd_forward(x, w, b, padding):
+    """conv2d_forward by Winograd (identity activation): ``(y, saved)``, what Conv2D(algorithm="winograd")
+    runs, y (N, Cout, OH, OW) as conv2d_forward's."""
+    z, saved = KWG.winograd_gemm(x, w, padding)
+    return bias_activation_nchw(z, b), saved
+
+
+def winograd_backward(x_shape, saved, w, gy, padding, need_gx=True, need_gb=True, need_gw=True):
+    """conv2d_backward by Winograd: ``(gx, gw, gb)``, gy to the GEMM layout (and summed into gb) by one kernel,
+    then the adjoint of winograd_gemm."""
+    gz, gb = activation_bias_backward(gy, None, "identity", layout="gemm", need_gb=need_gb)
+    gx, gw = KWG.winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx, need_gw)
+    return gx, gw, gb
+
+
+@contextlib.contextmanager
+def data_movement(mode):
+    """conv.DATA_MOVEMENT = ``mode`` within the block; the module's value comes back after it, also on error."""
+    old, KC.DATA_MOVEMENT = KC.DATA_MOVEMENT, mode
+    try:
+        yield
+    finally:
+        KC.DATA_MOVEMENT = old
+
+
+def moving(mode, fn):
+    """fn, called with conv.DATA_MOVEMENT = ``mode`` (every call: the check, the count and each timed run)."""
+    def run():
+        with data_movement(mode):
+            return fn()
+    return run
+
+
+def conv_cases(env, label, dims, movement=False):
+    """The passes of one conv shape by each algorithm that computes it, and with ``movement`` (the GPU path
+    only) im2col and col2im alone by each data-movement kernel."""
     N, Cin, H, W, K, k, s, p = dims
     N = env.batch(N)
     OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
@@ -124,12 +175,12 @@ def conv_cases(env, label, dims):
     x, w, b, gy = (env.ours(h[n]) for n in ("x", "w", "b", "gy"))
     saved = {}
 
-    def col():
+    def col(algo="gemm"):
         # forward's by-product, which backward reads: im2col's matrix on the GPU path, a lighter lowering on
-        # the CPU's, so one per path (--dry runs both)
-        key = backend.on_gpu(x)
+        # the CPU's (Winograd's: the transformed input and filters), so one per path (--dry runs both)
+        key = (algo, backend.on_gpu(x))
         if key not in saved:
-            saved[key] = KC.conv2d_forward(x, w, b, s, p)[1]
+            saved[key] = (KC.conv2d_forward(x, w, b, s, p) if algo == "gemm" else winograd_forward(x, w, b, p))[1]
         return saved[key]
 
     shape = f"{label} ({N},{Cin},{H},{W},{K},{k},{s},{p})"
@@ -141,6 +192,16 @@ def conv_cases(env, label, dims):
         ("grad-weight", ("gw", "gb"), lambda: KC.conv2d_backward(x.shape, col(), w, gy, s, p, need_gx=False)[1:]),
         ("backward", ("gx", "gw", "gb"), lambda: KC.conv2d_backward(x.shape, col(), w, gy, s, p)),
     ]
+    winograd = []
+    if KWG.winograd_supported(k, s):
+        winograd = [
+            ("forward", ("y",), lambda: (winograd_forward(x, w, b, p)[0],)),
+            ("grad-input", ("gx",), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p, need_gw=False,
+                                                              need_gb=False)[:1]),
+            ("grad-weight", ("gw", "gb"), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p,
+                                                                    need_gx=False)[1:]),
+            ("backward", ("gx", "gw", "gb"), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p)),
+        ]
     theirs = dict.fromkeys(n for n, _, _ in cases)
     t = env.torch
     if t is not None:
@@ -155,7 +216,38 @@ def conv_cases(env, label, dims):
                   "grad-input": lambda: bwd([True, False, False]),
                   "grad-weight": lambda: bwd([False, True, True]),
                   "backward": lambda: bwd([True, True, True])}
-    return [Case(shape, dims, n, outs, fn, theirs[n]) for n, outs, fn in cases]
+    out = []
+    for i, (n, outs, fn) in enumerate(cases):       # each pass by im2col + GEMM, then beside it by Winograd
+        out.append(Case(shape, dims, n, outs, fn, theirs[n], {"algo": "gemm"}))
+        if winograd:
+            out.append(Case(shape, dims, n, outs, winograd[i][2], theirs[n], {"algo": "winograd"}))
+    if movement:
+        out += movement_cases(env, shape, dims, x, h["x"])
+    return out
+
+
+def movement_cases(env, shape, dims, x, x_host):
+    """im2col and col2im alone at one conv shape, by the tiled and the plain kernels, each checked against
+    the CPU path's on host copies; no PyTorch side (it has no such op)."""
+    N, Cin, H, W, K, k, s, p = dims
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    col_host = env.randn(Cin * k * k, OH * OW * N)      # a gradient's columns, for col2im to add back
+    col = env.ours(col_host)
+    refs = {}
+
+    def on_cpu(pass_, fn):
+        def ref():          # once per pass: both kernels are checked against it
+            if pass_ not in refs:
+                with backend.cpu_path():
+                    refs[pass_] = host([fn()])
+            return refs[pass_]
+        return ref
+    passes = [("im2col", ("col",), lambda: (KC.im2col(x, k, k, s, p),),
+               on_cpu("im2col", lambda: KC.im2col(x_host, k, k, s, p))),
+              ("col2im", ("gx",), lambda: (KC.col2im(col, x.shape, k, k, s, p),),
+               on_cpu("col2im", lambda: KC.col2im(col_host, x_host.shape, k, k, s, p)))]
+    return [Case(shape, dims, pass_, outs, moving(mode, fn), None, {"data_movement": mode}, ref)
+            for pass_, outs, fn, ref in passes for mode in ("tiled", "plain")]
 
 
 def pool_cases(env, label, dims, kind):
@@ -229,10 +321,11 @@ def xent_cases(env, label, dims):
                  lambda: KL.softmax_cross_entropy_forward(logits, labels), theirs)]
 
 
-def groups(env, args):
-    """(label, builder) of every shape in this run; builders make their arrays only when called."""
+def groups(env, args, movement=False):
+    """(label, builder) of every shape in this run; builders make their arrays only when called. ``movement``:
+    with the conv shapes' im2col/col2im rows."""
     dry = args.dry
-    table = [(DRY_CONV if dry else CONV, conv_cases),
+    table = [(DRY_CONV if dry else CONV, lambda e, l, d: conv_cases(e, l, d, movement)),
              (DRY_MAXPOOL if dry else MAXPOOL, lambda e, l, d: pool_cases(e, l, d, "max")),
              (DRY_AVGPOOL if dry else AVGPOOL, lambda e, l, d: pool_cases(e, l, d, "avg")),
              (DRY_DENSE if dry else DENSE, dense_cases),
@@ -255,21 +348,26 @@ def host(arrays):
     return out
 
 
-def run_case(env, case, precision):
-    """Check, count, time one case; returns its row (with "error" set when the check failed)."""
+def check_case(env, case, precision):
+    """Check and count one case; returns its row, untimed (with "error" set when the check failed)."""
     args = env.args
-    row = {"shape": case.shape, "dims": case.dims, "pass": case.pass_, "precision": precision}
+    row = {"shape": case.shape, "dims": case.dims, "pass": case.pass_, **case.fields, "precision": precision}
+    what = " ".join([case.shape, case.pass_, *case.fields.values()])
     try:
         ours = host(case.ours())
-        if args.dry:        # the GPU path on the simulator against the CPU path, as the sim tests do
-            with backend.cpu_path():
-                ref = host(case.ours())
+        if case.cpu_ref is not None or args.dry:
+            # the GPU path against the CPU path, as the sim tests do (on --dry: the simulator's)
+            if case.cpu_ref is not None:
+                ref = case.cpu_ref()
+            else:
+                with backend.cpu_path():
+                    ref = host(case.ours())
             row["err_cpu_path"] = C.check(zip(case.outputs, ours, ref), C.TOLERANCE["sim"],
-                                          f"{case.shape} {case.pass_} (sim vs the CPU path)")
+                                          f"{what} ({args.device} vs the CPU path)")
         if case.theirs is not None:
             theirs = host(case.theirs())
             tol = C.TOLERANCE["tf32" if precision == "tf32" else "fp32"]
-            row["err_torch"] = C.check(zip(case.outputs, ours, theirs), tol, f"{case.shape} {case.pass_} (vs PyTorch)")
+            row["err_torch"] = C.check(zip(case.outputs, ours, theirs), tol, f"{what} (vs PyTorch)")
     except AssertionError as e:
         row["error"] = str(e)
         return row
@@ -277,16 +375,43 @@ def run_case(env, case, precision):
         with gpucnn.profile() as p:
             case.ours()
         row["launches"], row["bytes_allocated"] = p.launches, p.bytes_allocated
-    if args.dry:
-        return row              # the simulator's times mean nothing
-    t, tt = env.time(case.ours, case.theirs)
-    row["gpucnn_ms"], row["gpucnn_min_ms"] = C.median_ms(t), 1e3 * min(t)
-    if tt is not None:
-        row["torch_ms"], row["torch_min_ms"] = C.median_ms(tt), 1e3 * min(tt)
-        row["ratio"] = row["gpucnn_ms"] / row["torch_ms"]
-        row["ratio_min"] = row["gpucnn_min_ms"] / row["torch_min_ms"]
-    row["repeats"] = env.repeats
     return row
+
+
+def run_cases(env, cases, precision):
+    """Check, count and time the variants of one pass (its algorithms, or its data-movement kernels), which
+    share one PyTorch side: their rows, each timed in the same rounds as the others and PyTorch's one call."""
+    rows = [check_case(env, c, precision) for c in cases]
+    timed = [(c, r) for c, r in zip(cases, rows) if "error" not in r]
+    if env.args.dry or not timed:
+        return rows             # the simulator's times mean nothing; a row that disagrees is not timed
+    ts, tt = env.time([c.ours for c, _ in timed], cases[0].theirs)
+    for (_, row), t in zip(timed, ts):
+        row["gpucnn_ms"], row["gpucnn_min_ms"] = C.median_ms(t), 1e3 * min(t)
+        if tt is not None:
+            row["torch_ms"], row["torch_min_ms"] = C.median_ms(tt), 1e3 * min(tt)
+            row["ratio"] = row["gpucnn_ms"] / row["torch_ms"]
+            row["ratio_min"] = row["gpucnn_min_ms"] / row["torch_min_ms"]
+        row["repeats"] = env.repeats
+    return rows
+
+
+def variants(cases):
+    """The cases in runs of one pass at one shape with one PyTorch side (gemm beside winograd, tiled beside
+    plain): each run is timed together."""
+    run = []
+    for case in cases:
+        if run and (case.shape, case.pass_, case.theirs) != (run[0].shape, run[0].pass_, run[0].theirs):
+            yield run
+            run = []
+        run.append(case)
+    if run:
+        yield run
+
+
+def variant(row):
+    """The "algo" cell: a conv row's algorithm, a data-movement row's kernels ("tiled" or "plain"), else None."""
+    return row.get("algo", row.get("data_movement"))
 
 
 def main():
@@ -306,24 +431,30 @@ def main():
         print(f"--quick on the CPU: batches are 1/{env.batch_div} of the listed sizes.\n")
 
     rows, notes = [], []
+    if args.device == "cpu":
+        notes.append("no im2col/col2im rows: the CPU conv path no longer uses im2col (GPU path only)")
+        print(f"note: {notes[-1]}.\n")
     for precision in precisions:
         note = C.set_precision(precision, torch, gpucnn) if args.device == "cuda" else ""
         if note:
             notes.append(f"{precision}: {note}")
             print(f"note ({precision}): {note}")
-        for label, build in groups(env, args):
-            for case in build():
-                row = run_case(env, case, precision)
-                rows.append(row)
-                if "error" in row:
-                    print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
-                print(f"  {row['shape']:<44} {row['pass']:<12} {precision}  gpucnn {C.fmt(row.get('gpucnn_ms'))} ms"
-                      f"  torch {C.fmt(row.get('torch_ms'))} ms  launches {C.fmt(row.get('launches'))}", flush=True)
+        # the data movement once (the first precision): precision does not touch a copy
+        movement = args.device != "cpu" and precision == precisions[0]
+        for label, build in groups(env, args, movement):
+            for run in variants(build()):
+                for row in run_cases(env, run, precision):
+                    rows.append(row)
+                    if "error" in row:
+                        print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
+                    print(f"  {row['shape']:<44} {row['pass']:<12} {variant(row) or '-':<9} {precision}"
+                          f"  gpucnn {C.fmt(row.get('gpucnn_ms'))} ms  torch {C.fmt(row.get('torch_ms'))} ms"
+                          f"  launches {C.fmt(row.get('launches'))}", flush=True)
     for r in rows:
         checked = any(k.startswith("err_") for k in r)
         r["check"] = "FAILED" if "error" in r else "ok" if checked else "unchecked"
 
-    columns = [("shape", "shape"), ("pass", "pass")]
+    columns = [("shape", "shape"), ("pass", "pass"), ("algo", "variant")]
     if len(precisions) > 1:
         columns.append(("precision", "precision"))
     if not args.dry:            # the simulator's times mean nothing
@@ -333,7 +464,7 @@ def main():
                     ("ratio of mins", "ratio_min")]
     if args.device != "cpu":
         columns.append(("launches", "launches"))
-    if args.dry:
+    if any("err_cpu_path" in r for r in rows):     # --dry, and the data-movement rows on cuda
         columns.append(("err vs CPU path", "err_cpu_path"))
     columns += [("err vs torch", "err_torch"), ("check", "check")]
     print()
@@ -343,7 +474,7 @@ def main():
           f"after {env.warmup} warm-up call(s); ratio = gpucnn ms / "
           "torch ms (below 1: gpucnn faster); err = max |ours - reference| / max |reference|\n" if not args.dry else
           "no timings on the simulator; launches = gpucnn kernel launches per call (cuBLAS calls count one)\n")
-    print(C.markdown_table(columns, rows))
+    print(C.markdown_table(columns, [dict(r, variant=variant(r)) for r in rows]))
     failed = [r for r in rows if "error" in r]
     path = C.save_results(args, "layers", {"machine": m, "quick": args.quick, "dry": args.dry,
                                            "repeats": env.repeats, "warmup": env.warmup, "notes": notes,

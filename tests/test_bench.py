@@ -47,20 +47,33 @@ def run_dry(script, out_dir, *extra):
 def test_layers_dry_run(tmp_path, torch_side):
     extra = () if torch_side else ("--no-torch",)
     out, results = run_dry("layers.py", tmp_path, *extra)
-    assert "| shape | pass | launches | err vs CPU path | err vs torch | check |" in out
+    assert "| shape | pass | algo | launches | err vs CPU path | err vs torch | check |" in out
     (run,) = results["layers"]
     rows = run["rows"]
     # every named dry shape, every pass of each op family
-    for label in ("dry.pad", "dry.stride", "dry.big", "dry.max3s2", "dry.avg2", "dry.dense", "dry.loss"):
+    for label in ("dry.pad", "dry.stride", "dry.big", "dry.odd", "dry.max3s2", "dry.avg2", "dry.dense",
+                  "dry.loss"):
         assert any(r["shape"].startswith(label) for r in rows), f"{label} missing from {[r['shape'] for r in rows]}"
-    conv_passes = {r["pass"] for r in rows if r["shape"].startswith("dry.pad")}
-    assert conv_passes == {"forward", "grad-input", "grad-weight", "backward"}
+    passes = {"forward", "grad-input", "grad-weight", "backward"}
+    conv_labels = ("dry.pad", "dry.stride", "dry.big", "dry.odd")
+    for label in conv_labels:
+        conv = [r for r in rows if r["shape"].split()[0] == label]
+        assert {r["pass"] for r in conv if r.get("algo") == "gemm"} == passes
+        # Winograd beside im2col + GEMM exactly where it computes the shape: 3x3 kernels with stride 1
+        winograd = {r["pass"] for r in conv if r.get("algo") == "winograd"}
+        assert winograd == (passes if label in ("dry.pad", "dry.odd") else set()), (label, winograd)
+        # the data movement alone, by both kernels (the GPU path: sim here)
+        moves = {(r["pass"], r["data_movement"]) for r in conv if "data_movement" in r}
+        assert moves == {(p, m) for p in ("im2col", "col2im") for m in ("tiled", "plain")}, (label, moves)
     for r in rows:
+        if r["shape"].split()[0] not in conv_labels:
+            assert "algo" not in r and "data_movement" not in r, r
         assert r["check"] == "ok", r
         assert r["err_cpu_path"] <= C.TOLERANCE["sim"]
         assert r["launches"] >= 1, f"{r['shape']} {r['pass']}: the GPU path launched nothing"
         assert "gpucnn_ms" not in r, "--dry must not time the simulator"
-        assert ("err_torch" in r) == (torch_side and importlib.util.find_spec("torch") is not None)
+        has_torch = torch_side and importlib.util.find_spec("torch") is not None and "data_movement" not in r
+        assert ("err_torch" in r) == has_torch, r
     # the machine is described
     assert run["machine"]["device"] == "sim"
     assert run["machine"]["blas_threads"] >= 1
