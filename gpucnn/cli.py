@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", default=None, help="default: runs/<model>-<dataset>")
     t.add_argument("--activation", choices=("tanh", "relu"), default=None, help="lenet5 only")
     t.add_argument("--pool", choices=("avg", "max"), default=None, help="lenet5 only")
+    t.add_argument("--winograd", action="store_true",
+                   help="3x3 stride-1 convolutions by Winograd F(2x2, 3x3) instead of im2col + GEMM "
+                        "(alexnet, alexnet_small)")
+    t.add_argument("--precision", choices=backend.PRECISIONS, default="fp32",
+                   help="float32 GEMMs in full fp32 (default) or TF32 on the GPU's tensor cores (cuda only)")
     t.add_argument("--augment", action="store_true",
                    help="random crops (zero padding 4 for 32x32 images, 2 for 28x28) and, except for MNIST's "
                         "digits, horizontal flips")
@@ -153,7 +158,7 @@ def _build_model(name, train, activation=None, pool=None):
 
 
 def cmd_train(args) -> int:
-    from . import losses, optim
+    from . import losses, models, optim
     from .viz import plot_history
 
     if args.optimizer == "adam" and args.momentum is not None:
@@ -162,6 +167,9 @@ def cmd_train(args) -> int:
         raise UsageError(f"--activation and --pool apply to lenet5 only, not {args.model}")
     if args.resume is not None and not Path(args.resume).is_file():
         raise UsageError(f"--resume: no such file {args.resume}")
+    if args.winograd and args.model == "lenet5":
+        raise UsageError("--winograd: lenet5 has no 3x3 stride-1 convolution (its kernels are 5x5); "
+                         "use it with alexnet or alexnet_small")
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     last = out / "last.npz"
     if last.is_file() and (args.resume is None or not last.samefile(args.resume)):
@@ -172,6 +180,9 @@ def cmd_train(args) -> int:
     backend.seed(args.seed)
     model = _build_model(args.model, train, args.activation, args.pool)
     _check_fits(model, args.model, train, args.dataset)
+    if args.winograd:
+        models.use_winograd(model)
+    backend.set_precision(args.precision)
     if args.optimizer == "sgd":
         lr = args.lr or 0.05
         momentum = 0.9 if args.momentum is None else args.momentum
@@ -195,7 +206,9 @@ def cmd_train(args) -> int:
         c, h, w = train.shape
         print(f"training {args.model} on {args.dataset} ({len(train)} images of {c}x{h}x{w}, "
               f"testing on {len(test)}) on {dev}: {args.epochs} epochs of batch {args.batch_size}, {recipe}"
-              f"{', ' + args.schedule + ' schedule' if scheduler else ''}{', augmented' if augment else ''}")
+              f"{', ' + args.schedule + ' schedule' if scheduler else ''}{', augmented' if augment else ''}"
+              f"{', Winograd 3x3 convolutions' if args.winograd else ''}"
+              f"{', TF32 GEMMs' if args.precision == 'tf32' and dev == 'cuda' else ''}")
     try:
         history = model.fit(train, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                             loss=losses.SoftmaxCrossEntropy(), validation=test, scheduler=scheduler,

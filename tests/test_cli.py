@@ -142,6 +142,21 @@ def test_train_in_a_fresh_process(tmp_path, data_args):
     assert (tmp_path / "run" / "model.npz").is_file() and (tmp_path / "run" / "curves.png").is_file()
 
 
+def test_train_winograd_and_precision(tmp_path, data_args):
+    """--winograd switches alexnet_small's 3x3 convolutions (the saved model keeps the switch); --precision
+    sets the GEMMs' precision (on the CPU BLAS has no TF32, so training still runs in full float32)."""
+    try:
+        code, stdout, stderr = run_cli(["train", "alexnet_small", *TINY, "--limit", "64", "--winograd",
+                                        "--precision", "tf32", "--out", tmp_path / "run", *data_args])
+        assert gpucnn.precision() == "tf32"
+    finally:
+        gpucnn.set_precision("fp32")
+    assert code == 0, stderr
+    model = gpucnn.Sequential.load(str(tmp_path / "run" / "model.npz"))
+    algos = [layer.algorithm for layer in model.layers if isinstance(layer, gpucnn.layers.Conv2D)]
+    assert algos and all(a == "winograd" for a in algos), algos
+
+
 def test_default_out_folder_and_resume(tmp_path, data_args, trained, monkeypatch):
     monkeypatch.chdir(tmp_path)
     last = trained[3] / "last.npz"
@@ -201,6 +216,8 @@ MISTAKES = [
     (["train", "lenet5", "--optimizer", "adam", "--momentum", "0.9"], "train", r"--momentum applies to --optimizer sgd only"),
     (["train", "lenet5", "--resume", "{bad}/nothing.npz"], "train", r"--resume: no such file .*nothing.npz"),
     (["train", "alexnet_small", "--pool", "max"], "train", r"--activation and --pool apply to lenet5 only"),
+    (["train", "lenet5", "--winograd"], "train", r"--winograd: lenet5 has no 3x3 stride-1 convolution"),
+    (["train", "lenet5", "--precision", "fp16"], "train", r"argument --precision: invalid choice: 'fp16'"),
     (["train", "lenet5", "--momentum", "1.5"], "train", r"argument --momentum: must be in \[0, 1\), got 1.5"),
     (["evaluate", "{bad}/garbage.npz"], "evaluate", r"garbage.npz"),
     (["evaluate", "{bad}/missing.npz"], "evaluate", r"no such model file: .*missing.npz"),
