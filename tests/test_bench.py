@@ -104,6 +104,32 @@ def test_train_dry_run(tmp_path):
         assert run["torch"]["train_loss"] == pytest.approx(run["gpucnn"]["train_loss"], rel=1e-3)
 
 
+def test_memory_prediction(tmp_path):
+    """bench/memory.py predicts a step's device memory by running the GPU path on "sim" with the kernels
+    skipped; --check runs three small nets for real and must find the same plan, buffer for buffer."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "memory.py"), "--check", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    checks = [line for line in proc.stdout.splitlines() if line.strip().startswith("check ")]
+    assert len(checks) == 3 and all(line.endswith(": same") for line in checks), checks
+    (path,) = glob.glob(os.path.join(str(tmp_path), "sim-*.json"))
+    with open(path) as f:
+        (run,) = json.load(f)["memory"]
+    rows = {(r["net"], r["batch"]): r for r in run["rows"]}
+    assert set(rows) >= {("lenet5", 256), ("alexnet", 128)}
+    for r in rows.values():
+        assert r["planned"] and r["bytes_allocated_per_step"] == 0, r
+        assert 0 < r["workspace_bytes"] < r["workspace_separate_bytes"], r
+        assert r["total_bytes"] > r["workspace_bytes"] + 3 * r["param_bytes"] - 1, r
+    # the parts that do not depend on the run: LeNet-5's 61,706 float32 parameters (each view 64-aligned)
+    assert rows[("lenet5", 256)]["params"] == 61_706
+    assert 61_706 * 4 <= rows[("lenet5", 256)]["param_bytes"] < 61_706 * 4 + 10 * 64 * 4
+    assert rows[("lenet5", 256)]["launches"] == 29
+    # a larger batch needs a larger workspace, in proportion (every buffer but the parameters' scales with it)
+    ratio = rows[("lenet5", 1024)]["workspace_bytes"] / rows[("lenet5", 256)]["workspace_bytes"]
+    assert 3.5 < ratio <= 4.0, ratio
+
+
 # ------------------------------------------------------------------------------------------ the check helpers
 
 def test_rel_error_is_relative_to_the_largest_reference_magnitude():
