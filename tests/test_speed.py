@@ -397,3 +397,46 @@ def test_sim_planned_workspace_equals_separate_buffers_bit_for_bit(rng, monkeypa
         assert 0 < planned < separate and runs[True][3] == separate, (name, planned, separate)
         print(f"{name}: workspace {planned:,} bytes planned, {separate:,} as separate buffers "
               f"({planned / separate:.0%})")
+
+
+@pytest.mark.sim
+def test_sim_recomputed_lowering_equals_kept_bit_for_bit(rng, monkeypatch):
+    """Conv2D.RECOMPUTE_ABOVE: a lowered input (im2col's matrix, Winograd's V) dropped after forward and made
+    again in backward gives the same step to the bit, one more launch per conv layer, and a smaller planned
+    workspace (the lowered inputs of different layers are then never alive together)."""
+    default = L.Conv2D.RECOMPUTE_ABOVE
+    for name in ("lenet5", "alexnet-like, dropout", "winograd"):
+        make, shape, classes = _net_zoo(rng)[name]
+        batches = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, shape[0]))
+                   for _ in range(3)]
+        runs = {}
+        for limit in (default, 0):
+            monkeypatch.setattr(L.Conv2D, "RECOMPUTE_ABOVE", limit)
+            model = make()
+            opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), SoftmaxCrossEntropy()
+            losses = [float(model.train_step(x, y, loss, opt)) for x, y in batches[:2]]
+            with gpucnn.profile() as p:
+                losses.append(float(model.train_step(*batches[2], loss, opt)))
+            runs[limit] = (losses, params_of(model), next(iter(model._steps.values())).arena.nbytes, p)
+        kept, again = runs[default], runs[0]
+        assert again[0] == kept[0], name
+        for k, v in kept[1].items():
+            np.testing.assert_array_equal(again[1][k], v, err_msg=f"{name}: {k}")
+        convs = sum(isinstance(layer, L.Conv2D) for layer in make().layers)
+        assert again[3].launches == kept[3].launches + convs, (name, again[3], kept[3])
+        assert again[3].bytes_allocated == 0, again[3]
+        # smaller where the lowered inputs of several layers were alive together at the peak
+        assert again[2] < kept[2] if name != "winograd" else again[2] <= kept[2], (name, again[2], kept[2])
+        print(f"{name}: workspace {again[2]:,} bytes recomputing, {kept[2]:,} keeping")
+
+
+def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng):
+    """Outside a training step, or on the CPU, forward keeps what backward needs whatever its size."""
+    layer = L.Conv2D(2, 3, 3, padding=1, rng=rng)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    old, L.Conv2D.RECOMPUTE_ABOVE = L.Conv2D.RECOMPUTE_ABOVE, 0
+    try:
+        layer.forward(x)
+        assert layer._x is None and layer._col is not None
+    finally:
+        L.Conv2D.RECOMPUTE_ABOVE = old

@@ -343,6 +343,13 @@ def _output_transform_adjoint(gz, TH: int, TW: int):
 
 # ---------------------------------------------------------------------------------------- the passes
 
+def winograd_lower(x, padding):
+    """V = B^T d B for every 4x4 tile d of x: (16, C, TH, TW, N), the transformed input that winograd_gemm
+    multiplies and saves for backward (a layer short of memory drops it and lowers its input again)."""
+    PH, PW, _, _, TH, TW = _sizes(x.shape, padding)
+    return _input_transform(x, PH, PW, TH, TW)
+
+
 def winograd_gemm(x, w, padding, *, stride=1):
     """``(z, saved)``: the 3x3 stride-1 convolution of x (N, C, H, W) with w (Cout, C, 3, 3) before bias and
     activation, in conv's GEMM layout (Cout, OH, OW, N) (see conv2d_gemm); ``saved`` = (V, U), the
@@ -354,7 +361,7 @@ def winograd_gemm(x, w, padding, *, stride=1):
     T = TH * TW * N
     U = backend.empty((16, Cout, C), x.dtype, x)
     matmul(_kgg(x.dtype, x), w.reshape(Cout * C, 9).T, out=U.reshape(16, Cout * C))    # G w G^T
-    V = _input_transform(x, PH, PW, TH, TW)
+    V = winograd_lower(x, padding)
     M = backend.empty((16, Cout, TH, TW, N), x.dtype, x)
     matmul(U, V.reshape(16, C, T), out=M.reshape(16, Cout, T))                          # 16 GEMMs in one call
     return _output_transform(M, OH, OW), (V, U)
@@ -379,7 +386,7 @@ def winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx: bool = True,
         gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
         gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
         gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(w.shape)   # G^T gU G
-        backend.release(gU)
+        backend.release(gU, V)          # V is read no more: gV below, as large, may take its memory
     if need_gx:
         gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
         matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))

@@ -25,6 +25,12 @@ class Conv2D(Layer):
     """
 
     ALGORITHMS = ("gemm", "winograd")
+    # Bytes. In a training step on the GPU path, forward's lowered input (im2col's matrix; Winograd's V) is
+    # kept for backward's weight gradient only when it is at most this large; a larger one is released at
+    # once and backward lowers the input again (one more launch, a pass over memory). Kept, every layer's
+    # matrix is alive at the step's peak (2.1 GiB of AlexNet's 3.3 at batch 128, bench/memory.py); dropped,
+    # the workspace holds one at a time. LeNet-5's (20 MiB at batch 256) stay. 0: always recompute.
+    RECOMPUTE_ABOVE = 64 * 2 ** 20
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
                  dtype="float32", init="default", rng=None, algorithm: str = "gemm"):
@@ -61,6 +67,7 @@ class Conv2D(Layer):
             self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
         self.grads = {k: None for k in self.params}
         self._col = self._x_shape = self._y_shape = self._a = self._pool = self.switches = None
+        self._x = None              # the input, kept instead of the lowered input when that is recomputed
         self._algo = algorithm
         self._act = ("identity", 0.0)
 
@@ -100,6 +107,12 @@ class Conv2D(Layer):
             z, self._col = WG.winograd_gemm(x, w, self.padding)
         else:
             z, self._col = K.conv2d_gemm(x, w, self.stride, self.padding)
+        lowered = self._col[0] if self._algo == "winograd" else self._col
+        self._x = None
+        if backend.in_workspace() and backend.on_gpu(x) and lowered.nbytes > self.RECOMPUTE_ABOVE:
+            backend.release(lowered)                # backward makes it again from x (see RECOMPUTE_ABOVE)
+            self._x = x
+            self._col = (None, self._col[1]) if self._algo == "winograd" else None
         if pool is None:
             y = A.bias_activation_nchw(z, b, kind, slope)
             self._a, self.switches, self._pool = (y if kind != "identity" else None), None, None
@@ -116,7 +129,7 @@ class Conv2D(Layer):
         return y
 
     def backward(self, gy):
-        col = self._need("_col")
+        col = self._lowered()
         if tuple(gy.shape) != self._y_shape:
             raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
                              f"expected the forward output's {self._y_shape}")
@@ -144,6 +157,17 @@ class Conv2D(Layer):
         # in a training step nothing reads these again: their memory may serve the layers below
         backend.release(gz, *(col if isinstance(col, tuple) else (col,)), self._a, self.switches)
         return gx
+
+    def _lowered(self):
+        """What backward's weight gradient reads: forward's lowered input, or the same made again from the
+        input when forward dropped it (RECOMPUTE_ABOVE)."""
+        if self._x is None:
+            return self._need("_col")
+        x, self._x = self._x, None
+        if self._algo == "winograd":
+            return WG.winograd_lower(x, self.padding), self._col[1]
+        KH, KW = self.kernel_size
+        return K.im2col(x, KH, KW, self.stride, self.padding)
 
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

@@ -63,7 +63,9 @@ class Dropout(Layer):
                              f"expected the forward output's {shape}")
         if self._mask is None:
             return gy
-        return K.dropout_backward(gy, self._mask)
+        gx = K.dropout_backward(gy, self._mask)
+        backend.release(self._mask)     # in a training step read by no one again: the workspace may reuse it
+        return gx
 
     def config(self):
         return {"p": self.p, "seed": self.seed}

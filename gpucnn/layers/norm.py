@@ -65,7 +65,9 @@ class LocalResponseNorm(Layer):
         if tuple(gy.shape) != tuple(x.shape):
             raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
                              f"expected the forward output's {tuple(x.shape)}")
-        return K.lrn_backward(x, self._y, self._scale, gy, self.size, self.alpha, self.beta, self.k)
+        gx = K.lrn_backward(x, self._y, self._scale, gy, self.size, self.alpha, self.beta, self.k)
+        backend.release(self._scale)    # in a training step read by no one again: the workspace may reuse it
+        return gx
 
     def output_shape(self, input_shape):
         return _check_sample_shape(self.name, input_shape)

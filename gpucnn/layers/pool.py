@@ -5,6 +5,7 @@ Both take ``kernel_size``, ``stride`` (default: the kernel size, windows side by
 """
 from __future__ import annotations
 
+from .. import backend
 from ..kernels import pool as K
 from .base import Layer, check_input, conv_output_size, pair
 
@@ -67,7 +68,9 @@ class MaxPool2D(_Pool2D):
     def backward(self, gy):
         switches = self._need("switches")
         self._check_gy(gy, self._x_shape)
-        return K.maxpool2d_backward(gy, switches, self._x_shape, self.kernel, self.stride, self.padding)
+        gx = K.maxpool2d_backward(gy, switches, self._x_shape, self.kernel, self.stride, self.padding)
+        backend.release(switches)       # in a training step read by no one again: the workspace may reuse it
+        return gx
 
 
 class AvgPool2D(_Pool2D):
