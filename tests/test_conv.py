@@ -199,6 +199,31 @@ def test_cpu_row_lowering_holds_every_receptive_field_of_im2col(N, C, H, W, KH, 
     np.testing.assert_array_equal(blocks, expect)
 
 
+@given(N=st.integers(1, 3), C=st.integers(1, 3), Cout=st.integers(1, 3), H=st.integers(1, 8),
+       W=st.integers(1, 8), KH=st.integers(1, 4), KW=st.integers(1, 4), SH=st.integers(1, 3), SW=st.integers(1, 3),
+       PH=st.integers(0, 2), PW=st.integers(0, 2), seed=st.integers(0, 2 ** 16))
+@settings(max_examples=60, deadline=None)
+def test_cpu_sliced_gemms_and_row_groups_match_the_definition(N, C, Cout, H, W, KH, KW, SH, SW, PH, PW, seed):
+    # The CPU cuts thin GEMMs into column slices and sums grad-weight's per-row products a few rows at a time
+    # (SMALL_GEMM, MIN_SLICE, PARTS sized for LeNet and AlexNet at full batch). Shrunk here so that the tiny
+    # shapes take those paths: slices of 1-3 columns, ragged last slices, groups of 1-2 rows.
+    assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
+    old = K.SMALL_GEMM, K.MIN_SLICE, K.PARTS
+    K.SMALL_GEMM, K.MIN_SLICE, K.PARTS = 2 * C * KH * KW * Cout, 1, 2 * C * KH * KW * Cout
+    try:
+        r = np.random.default_rng(seed)
+        x, w = r.standard_normal((N, C, H, W)), r.standard_normal((Cout, C, KH, KW))
+        y, col = K.conv2d_forward(x, w, None, (SH, SW), (PH, PW))
+        gy = r.standard_normal(y.shape)
+        gx, gw, _ = K.conv2d_backward(x.shape, col, w, gy, (SH, SW), (PH, PW))
+    finally:
+        K.SMALL_GEMM, K.MIN_SLICE, K.PARTS = old
+    assert_close(y, reference_conv(x, w, None, (SH, SW), (PH, PW)), "float64", "y")
+    rgx, rgw, _ = reference_conv_backward(x, w, gy, (SH, SW), (PH, PW))
+    assert_close(gx, rgx, "float64", "gx")
+    assert_close(gw, rgw, "float64", "gw")
+
+
 @pytest.mark.parametrize("Cout,N", [(1, 8), (4, 1), (7, 3)])
 def test_cpu_weight_gradient_into_a_flat_buffer_view(Cout, N, rng):
     # gw is summed over output rows straight into the optimizer's flat buffer (a view), as train_step does

@@ -322,6 +322,19 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
 # contiguous block, found by pointer arithmetic. Consecutive output rows share KH - SH of those rows, so Y
 # holds about 1/KH of im2col's copies (2.3 MB instead of 10 MB on LeNet's first layer at batch 128) and
 # every GEMM reads from cache-sized blocks. The weights are read in the same (kh, c, kw) order.
+#
+# The GEMMs are cut to the size OpenBLAS (NumPy's BLAS) multiplies fastest. For a product of M*N*K <= 100**3 its
+# AVX-512 builds run a small-matrix kernel that reads both operands in place; above that they first pack both into
+# cache-sized panels, which a thin product cannot repay: (6, 25) @ (25, 6656) runs at 65 GFLOP/s on one core,
+# (6, 25) @ (25, 6720) at 39. The small kernel runs on one core, so a GEMM is sliced (into columns of at most
+# SMALL_GEMM // (M*K)) only where the slices stay wide, i.e. its M*K is tiny: LeNet's first layer, whose forward
+# GEMMs then run 2.6x and grad-weight 2x faster. Its second layer (M*K = 2400, slices of 416) runs as fast whole
+# on two cores, and AlexNet's (M*K of 35 000 to 880 000) are left whole, where packing pays.
+
+SMALL_GEMM = 100 ** 3       # OpenBLAS's bound on M*N*K for its small-matrix kernel (see above)
+MIN_SLICE = 1024            # narrower slices than this: the GEMM stays whole, on as many cores as BLAS has
+PARTS = 1 << 18             # elements of grad-weight's per-row products kept at once (cache-sized)
+
 
 def _lower_rows(x, KH: int, KW: int, SH: int, SW: int, PH: int, PW: int):
     """Y (Hp, C, KW, OW, N) with Y[h, c, kw, ow, n] = xpad[n, c, h, ow*SW + kw] (zeros in the padding)."""
@@ -349,6 +362,16 @@ def _weights_khckw(w):
     return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(Cout, KH * C * KW)
 
 
+def _slice_width(mk: int, L: int) -> int:
+    """Columns per GEMM for a product whose other two sizes multiply to ``mk``: equal slices of L small enough
+    for OpenBLAS's small-matrix kernel, or L (the GEMM whole) where those would be narrower than MIN_SLICE."""
+    width = SMALL_GEMM // mk
+    if width < MIN_SLICE or width >= L:
+        return L
+    slices = -(-L // width)
+    return -(-L // slices)
+
+
 # ---------------------------------------------------------------------------------------- the passes
 
 def conv2d_gemm(x, w, stride, padding):
@@ -365,8 +388,13 @@ def conv2d_gemm(x, w, stride, padding):
         return z.reshape(Cout, OH, OW, N), col
     Y = _lower_rows(x, KH, KW, SH, SW, PH, PW)
     z = np.empty((Cout, OH, OW, N), dtype=x.dtype)
-    # one GEMM per output row (a batched matmul over contiguous blocks of Y), each into its slice of z
-    matmul(_weights_khckw(w), _row_blocks(Y, KH, SH, OH), out=z.reshape(Cout, OH, OW * N).transpose(1, 0, 2))
+    wk, blocks, L = _weights_khckw(w), _row_blocks(Y, KH, SH, OH), OW * N
+    zt = z.reshape(Cout, OH, L).transpose(1, 0, 2)
+    # one GEMM per output row (a batched matmul over contiguous blocks of Y), each into its slice of z; a thin
+    # one (small Cout) in slices of columns that OpenBLAS multiplies without packing (see "the CPU's lowering")
+    width = _slice_width(wk.size, L)
+    for l0 in range(0, L, width):
+        matmul(wk, blocks[:, :, l0:l0 + width], out=zt[:, :, l0:l0 + width])
     return z, Y
 
 
@@ -397,6 +425,7 @@ def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = T
             K = col.shape[0]
             gw = matmul(gz2, col.T, out=gw_out.reshape(Cout, K) if gw_out is not None
                         else backend.empty((Cout, K), col.dtype, col)).reshape(w.shape)
+            backend.release(col)        # read no more: gcol below, as large, may take its memory
         if need_gx:
             gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((col.shape[0], gz2.shape[1]), gz.dtype, gz))
             gx = col2im(gcol, x_shape, KH, KW, stride, padding)
@@ -408,14 +437,28 @@ def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = T
 
 
 def _weight_grad_rows(Y, gz, KH: int, SH: int, out=None):
-    """gw (Cout, C, KH, KW): per output row, its receptive fields (a block of Y) times its gradient, then the
-    sum over rows (the weight sharing), into ``out`` when given."""
+    """gw (Cout, C, KH, KW): per output row, its receptive fields (a block of Y) times its gradient, summed over
+    rows (the weight sharing), into ``out`` when given.
+
+    The per-row products are summed as they come, a few rows at a time (PARTS elements), not stacked whole and
+    summed after: on AlexNet's 3x3 layers the stack, OH products of (KH*C*KW, Cout), is 5x the size of Y itself
+    (46 MB at batch 16), written once and read again. A thin product (LeNet's c1) also runs in slices of columns,
+    for OpenBLAS's small-matrix kernel (see "the CPU's lowering"); those slices add up the same way."""
     Cout, OH, OW, N = gz.shape
     C, KW = Y.shape[1], Y.shape[2]
-    parts = matmul(_row_blocks(Y, KH, SH, OH), gz.reshape(Cout, OH, OW * N).transpose(1, 2, 0))  # (OH, K, Cout)
+    K, L = KH * C * KW, OW * N
+    blocks = _row_blocks(Y, KH, SH, OH)                                   # (OH, K, L)
+    gzt = gz.reshape(Cout, OH, L).transpose(1, 2, 0)                      # (OH, L, Cout), a view
+    rows, width = max(1, min(OH, PARTS // (K * Cout))), _slice_width(K * Cout, L)
+    parts = np.empty((rows, K, Cout), dtype=gz.dtype)
+    acc = np.zeros((K, Cout), dtype=gz.dtype)
+    for o in range(0, OH, rows):
+        for l0 in range(0, L, width):
+            p = matmul(blocks[o:o + rows, :, l0:l0 + width], gzt[o:o + rows, l0:l0 + width], out=parts[:OH - o])
+            acc += p[0] if len(p) == 1 else p.sum(axis=0)
     if out is None:
         out = np.empty((Cout, C, KH, KW), dtype=gz.dtype)
-    np.sum(parts.reshape(OH, KH, C, KW, Cout), axis=0, out=out.transpose(2, 1, 3, 0))
+    np.copyto(out.transpose(2, 1, 3, 0), acc.reshape(KH, C, KW, Cout))
     return out
 
 
@@ -431,8 +474,10 @@ def _input_grad_rows(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int):
     wk = w.transpose(2, 1, 3, 0).reshape(KH, C * KW, Cout)                 # per kh: (C*KW, Cout)
     gY = np.zeros((Hp, C * KW, L), dtype=gz.dtype)
     part = np.empty((OH, C * KW, L), dtype=gz.dtype)
+    width = _slice_width(C * KW * Cout, L)         # a thin product in slices (see "the CPU's lowering")
     for kh in range(KH):
-        matmul(wk[kh], gz3, out=part)
+        for l0 in range(0, L, width):
+            matmul(wk[kh], gz3[:, :, l0:l0 + width], out=part[:, :, l0:l0 + width])
         gY[kh:kh + SH * (OH - 1) + 1:SH] += part
     gY = gY.reshape(Hp, C, KW, OW, N)
     gxt = np.zeros((C, Hp, Wp, N), dtype=gz.dtype)
