@@ -125,9 +125,11 @@ def test_memory_prediction(tmp_path):
     assert rows[("lenet5", 256)]["params"] == 61_706
     assert 61_706 * 4 <= rows[("lenet5", 256)]["param_bytes"] < 61_706 * 4 + 10 * 64 * 4
     assert rows[("lenet5", 256)]["launches"] == 29
-    # a larger batch needs a larger workspace, in proportion (every buffer but the parameters' scales with it)
+    # a larger batch needs a larger workspace, at most in proportion (every buffer scales with the batch, and
+    # at 1024 conv1's lowered input, 78 MiB, is over Conv2D.RECOMPUTE_ABOVE: made again in backward, one launch)
     ratio = rows[("lenet5", 1024)]["workspace_bytes"] / rows[("lenet5", 256)]["workspace_bytes"]
-    assert 3.5 < ratio <= 4.0, ratio
+    assert 1.5 < ratio <= 4.0, ratio
+    assert rows[("lenet5", 1024)]["launches"] == 30
 
 
 # ------------------------------------------------------------------------------------------ the check helpers
