@@ -440,3 +440,27 @@ def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng):
         assert layer._x is None and layer._col is not None
     finally:
         L.Conv2D.RECOMPUTE_ABOVE = old
+
+
+@pytest.mark.sim
+def test_sim_a_step_that_changes_its_path_is_planned_again_bit_for_bit(rng, monkeypatch):
+    """Switching a layer's algorithm between steps of one batch shape makes the planned arena hand out
+    buffers that no longer fit: it records again (now among the planned block's views, which share memory)
+    and plans anew. Every step must equal the same sequence run with separate buffers, to the bit."""
+    from test_winograd import _twin_nets
+    seed = int(rng.integers(2 ** 31))
+    batches = [(rng.standard_normal((2, 2, 8, 10)).astype(np.float32), rng.integers(0, 5, 2)) for _ in range(6)]
+    algos = ["winograd", "winograd", "gemm", "gemm", "winograd", "winograd"]
+    runs = {}
+    for plan in (True, False):
+        monkeypatch.setattr(backend.Arena, "PLAN", plan)
+        model = _twin_nets(np.random.default_rng(seed), "winograd", "float32")
+        opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), SoftmaxCrossEntropy()
+        losses = []
+        for (x, y), algo in zip(batches, algos):
+            models.use_winograd(model, algo == "winograd")
+            losses.append(float(model.train_step(x, y, loss, opt)))
+        runs[plan] = (losses, params_of(model))
+    assert runs[True][0] == runs[False][0]
+    for k, v in runs[False][1].items():
+        np.testing.assert_array_equal(runs[True][1][k], v, err_msg=k)

@@ -414,6 +414,8 @@ def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = T
 
     gw = gz @ col.T sums over every output position and image (the weights are shared), written into
     ``gw_out`` when given (a flat gradient buffer's view); gx = col2im(w.T @ gz). None where not needed.
+    Within a training step ``col`` is released (backend.release) once gw has read it: gx's GEMM output, as large,
+    may take its memory.
     """
     Cout, C, KH, KW = w.shape
     OH = gz.shape[1]

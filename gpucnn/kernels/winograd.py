@@ -371,7 +371,8 @@ def winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx: bool = True,
                            gw_out=None, *, stride=1):
     """``(gx, gw)`` from gz = dL/dz in the GEMM layout (Cout, OH, OW, N), the adjoint of winograd_gemm:
     gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
-    transform's adjoint of U^T @ gM. None where not needed."""
+    transform's adjoint of U^T @ gM. None where not needed. Within a training step V is released
+    (backend.release) once gw has read it: gV, as large, may take its memory."""
     _check("winograd_gemm_backward", w, stride)
     V, U = saved
     Cout, C = w.shape[0], w.shape[1]
