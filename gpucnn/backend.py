@@ -237,8 +237,9 @@ class Arena:
     one block of memory, greedily, largest first, each at the lowest offset free throughout its lifetime
     (buffers that never live at the same time share memory), so the arena holds the step's peak rather
     than the sum of everything it asked for. Planned only for the GPU path (CuPy arrays, or NumPy under
-    "sim"), where the step's code path is fixed; a run that asks for something else drops the plan and
-    records again.
+    "sim"), where the step's code path is fixed. A run that asks for something else drops the plan, and the
+    next run records anew on separate buffers: :meth:`release` finds a buffer by its address, which names
+    one buffer only while no two share memory.
     """
 
     ALIGN = 256                 # bytes: every planned buffer starts on a 256-byte boundary (cudaMalloc's)
@@ -253,6 +254,7 @@ class Arena:
         self.slab = None
         self._live = {}         # address of a buffer handed out this run -> its request index
         self.sum_bytes = 0      # what separate buffers would hold (the arena before planning)
+        self._dropped = False   # this run left the plan: its buffers share memory, so record in the next one
 
     def begin(self):
         self.cursor = 0
@@ -274,6 +276,7 @@ class Arena:
                 self.buffers.append(a)
             if not self.recording:              # another code path than the one planned: record it anew
                 self.recording = True
+                self._dropped = self.slab is not None
         if self.recording:
             del self.spans[k:]
             self.spans.append([self.clock, None])
@@ -293,6 +296,9 @@ class Arena:
 
     def end(self):
         """After a run: lay the recorded buffers out by lifetime (once per recording)."""
+        if self._dropped:                       # recorded among the plan's views: start again on separate buffers
+            self.buffers, self.spans, self.slab, self._dropped = [], [], None, False
+            return
         if not self.PLAN or not self.recording or self.cursor != len(self.buffers) or not self.buffers:
             return
         if not all(on_gpu(a) for a in self.buffers) or len({is_cupy(a) for a in self.buffers}) != 1:
@@ -602,16 +608,22 @@ def matmul(a, b, out=None):
     (under ``set_precision("tf32")`` its float32 inputs are first rounded to TF32, as the tensor cores do).
     Each call counts as one launch in :func:`gpucnn.profile`.
     """
-    if _counters and on_gpu(a):
-        fam = sys._getframe(1).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
-        for c in _counters:
-            c.count_launch(fam, "cublas")
+    count_gemm(a)
     if is_cupy(a):
         if _applied != _precision:
             _apply_precision()
     elif _precision == "tf32" and a.dtype == np.float32 and on_gpu(a):
         a, b = round_to_tf32(a), round_to_tf32(b)
     return xp(a).matmul(a, b, out=out)
+
+
+def count_gemm(a):
+    """Count one cuBLAS call (a GEMM on ``a``'s GPU path) in gpucnn.profile, under the op family of the module
+    that called the GEMM function calling this."""
+    if _counters and on_gpu(a):
+        fam = sys._getframe(2).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
+        for c in _counters:
+            c.count_launch(fam, "cublas")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -445,8 +445,8 @@ def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng):
 @pytest.mark.sim
 def test_sim_a_step_that_changes_its_path_is_planned_again_bit_for_bit(rng, monkeypatch):
     """Switching a layer's algorithm between steps of one batch shape makes the planned arena hand out
-    buffers that no longer fit: it records again (now among the planned block's views, which share memory)
-    and plans anew. Every step must equal the same sequence run with separate buffers, to the bit."""
+    buffers that no longer fit: it drops the plan, records the next run on separate buffers and plans anew.
+    Every step must equal the same sequence run with separate buffers, to the bit."""
     from test_winograd import _twin_nets
     seed = int(rng.integers(2 ** 31))
     batches = [(rng.standard_normal((2, 2, 8, 10)).astype(np.float32), rng.integers(0, 5, 2)) for _ in range(6)]
@@ -457,10 +457,15 @@ def test_sim_a_step_that_changes_its_path_is_planned_again_bit_for_bit(rng, monk
         model = _twin_nets(np.random.default_rng(seed), "winograd", "float32")
         opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), SoftmaxCrossEntropy()
         losses = []
-        for (x, y), algo in zip(batches, algos):
+        for t, ((x, y), algo) in enumerate(zip(batches, algos)):
             models.use_winograd(model, algo == "winograd")
             losses.append(float(model.train_step(x, y, loss, opt)))
+            arena = next(iter(model._steps.values())).arena
+            if plan and t in (2, 4):    # the path changed: the plan is dropped, nothing planned among its views
+                assert arena.recording and arena.slab is None, t
         runs[plan] = (losses, params_of(model))
+        if plan:    # the run after each change recorded on separate buffers, and the last one planned them
+            assert not arena.recording
     assert runs[True][0] == runs[False][0]
     for k, v in runs[False][1].items():
         np.testing.assert_array_equal(runs[True][1][k], v, err_msg=k)

@@ -154,9 +154,8 @@ class Conv2D(Layer):
         self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
             self.grads["bias"] = gb_out if gb_out is not None else gb
-        # in a training step nothing reads these again: their memory may serve the layers below. The lowered
-        # input itself (im2col's matrix, Winograd's V) was released by the kernel function right after the
-        # weight-gradient GEMM; a second release now could name a newer buffer at the same address.
+        # in a training step nothing reads these again: their memory may serve the layers below (the lowered
+        # input itself, im2col's matrix or Winograd's V, was released by the kernel function after gw's GEMM)
         backend.release(gz, *(col[1:] if isinstance(col, tuple) else ()), self._a, self.switches)
         return gx
 
