@@ -33,8 +33,9 @@ if C.ROOT not in sys.path:        # the checkout this script lives in
 import numpy as np  # noqa: E402
 
 import gpucnn  # noqa: E402
-from gpucnn import backend, elementwise, layers as L, optim  # noqa: E402
+from gpucnn import backend, layers as L, optim  # noqa: E402
 from gpucnn.losses import SoftmaxCrossEntropy  # noqa: E402
+from gpucnn.profile import shapes_only  # noqa: E402
 
 
 def mini_alexnet(winograd=False):
@@ -65,57 +66,6 @@ MiB = 2 ** 20
 # PyTorch's peak for a comparable step, measured on a GPU (issue 6: torchvision's AlexNet, two-tower
 # widths, no LRN, 224x224, batch 128, fp32, on an H100); a reference point, not the same network.
 KNOWN_PEAKS = {("alexnet", 128): ("torchvision AlexNet, H100", 1500.0)}
-
-
-# ------------------------------------------------------------------------------------------ skipping the work
-
-def _matmul_shape(a, b):
-    if a.ndim < 2 or b.ndim < 2:
-        raise NotImplementedError("bench/memory.py: a GEMM on a vector; only matrices are expected here")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not chain")
-    return np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
-
-
-@contextlib.contextmanager
-def shapes_only():
-    """Inside this block the GPU code path requests and releases every buffer as usual but computes
-    nothing: Numba launches, host-built ElementwiseKernels and GEMMs are skipped (their outputs are
-    allocated, as before, and left unwritten). Launches are still counted by gpucnn.profile."""
-    def launch(kernel, n, *args, **kw):
-        if n > 0:
-            for c in backend._counters:
-                c.count_launch(kernel.family, "numba")
-
-    def matmul(a, b, out=None):
-        backend.count_gemm(a)
-        shape = _matmul_shape(a, b)
-        if out is not None:
-            if tuple(out.shape) != shape:
-                raise ValueError(f"matmul: out has shape {out.shape}, expected {shape}")
-            return out
-        return np.empty(shape, dtype=np.result_type(a.dtype, b.dtype))
-
-    def host_call(self, args, types, shape):
-        outs = [a for p, a in zip(self.params, args) if p.is_out]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    # kernel modules bind launch and matmul by name (from ..backend import launch): replace them there too
-    patches = [(backend, "launch", launch), (backend, "matmul", matmul),
-               (elementwise.ElementwiseKernel, "_host_call", host_call)]
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("gpucnn.") and mod is not backend:
-            for name, new in (("launch", launch), ("matmul", matmul)):
-                if getattr(mod, name, None) is getattr(backend, name):
-                    patches.append((mod, name, new))
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    try:
-        for obj, name, new in patches:
-            setattr(obj, name, new)
-        yield
-    finally:
-        for obj, name, old in saved:
-            setattr(obj, name, old)
 
 
 # ------------------------------------------------------------------------------------------ one net

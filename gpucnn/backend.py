@@ -435,7 +435,7 @@ def reduction_threads(n: int, cap: int = 256) -> int:
     16 threads at most (the sum is then taken in another order: equal within rounding).
     """
     t = 32                      # a warp at least: a smaller block wastes the rest of its warp
-    if device() == "sim":
+    if device() == "sim" and not _cuda_shapes:
         cap, t = min(cap, 16), 1
     while t < min(n, cap):
         t *= 2
@@ -481,13 +481,16 @@ class GPUKernel:
         self.name = fn.__name__
         self.family = fn.__module__.rsplit(".", 1)[-1]
         self._jitted = None
-        self._specialised = {}
+        self._specialised = {}      # argument types -> the specialised dispatcher ("cuda")
+        self._configured = {}       # (argument types, grid, stream, shared bytes) -> its configured launch
 
     def compiled(self):
         if self._jitted is None:
             numba_cuda = _numba_cuda or _import_numba_cuda(simulate=device() == "sim")
             bind_globals(self.fn.__globals__, numba_cuda)
-            self._jitted = numba_cuda.jit(self.fn)
+            # cache=True: the compiled kernel is kept on disk (beside the module, or in NUMBA_CACHE_DIR), so a
+            # second process's first step does not JIT-compile every kernel again (the simulator ignores it)
+            self._jitted = numba_cuda.jit(self.fn, cache=not numba_cuda_sim_active())
         return self._jitted
 
     def __repr__(self):
@@ -538,9 +541,9 @@ def bind_globals(namespace: dict, numba_cuda):
 _streams = {}
 
 
-def _numba_stream():
-    """Numba's view of CuPy's current stream, so our kernels queue behind (and graph with) CuPy's."""
-    ptr = _cupy.cuda.get_current_stream().ptr
+def _numba_stream(ptr):
+    """Numba's view of CuPy's stream ``ptr`` (the current one), so our kernels queue behind (and graph with)
+    CuPy's."""
     s = _streams.get(ptr)
     if s is None:
         s = _streams[ptr] = _numba_cuda.external_stream(ptr)
@@ -557,12 +560,47 @@ def _arg_key(a):
 _SIM_SWITCH_INTERVAL = 1e-4     # seconds; Python's default is 5e-3
 
 
+class LaunchError(RuntimeError):
+    """A kernel launch the GPU would refuse (too many threads for the kernel's registers, ...), said plainly."""
+
+
+class LaunchRecord(collections.namedtuple("LaunchRecord", "kernel blocks threads shared_bytes signature largest")):
+    """One Numba launch as "cuda" makes it: ``kernel`` ("family.name"), the grid (``blocks`` x ``threads``), the
+    dynamic shared memory, the argument types (("array", dtype, ndim) or ("scalar", type)) and the element
+    count of its largest array argument. :func:`gpucnn.profile.record_launches` collects them."""
+
+
+def _signature(args):
+    sig = []
+    for a in args:
+        if getattr(a, "ndim", 0) > 0 and hasattr(a, "dtype"):
+            sig.append(("array", np.dtype(a.dtype).name, int(a.ndim)))
+        elif isinstance(a, (bool, np.bool_)):
+            sig.append(("scalar", "bool"))
+        elif isinstance(a, (int, np.integer)) and not isinstance(a, np.integer):
+            sig.append(("scalar", "int64"))
+        elif isinstance(a, float):
+            sig.append(("scalar", "float64"))
+        else:
+            sig.append(("scalar", np.dtype(getattr(a, "dtype", type(a))).name))
+    return tuple(sig)
+
+
+_launch_logs = []       # lists that record_launches() fills with a LaunchRecord per Numba launch
+_skip_work = False      # shapes only: every launch, GEMM and host-built elementwise kernel is skipped
+_cuda_shapes = False    # "sim" sizes its launches as "cuda" would (only while the work is skipped)
+
+
 def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, shared_bytes: int = 0,
            grid_stride: bool = False):
     """Launch ``kernel`` over ``n`` threads (a 1-D grid of ``threads``-wide blocks) on the current stream.
 
-    On "cuda" the compiled specialisation for these argument types is cached, so a launch skips
-    Numba's type dispatch, and it runs on CuPy's current stream. On "sim" Numba's simulator runs it.
+    On "cuda" the configured launch (specialised for these argument types, bound to the stream and the grid)
+    is made once and kept, so a launch skips Numba's type dispatch and its checks; making it checks the
+    block against the kernel's register budget (a clear LaunchError rather than CUDA's
+    LAUNCH_OUT_OF_RESOURCES) and keeps Numba's small-grid occupancy warning to itself (the grid-fill rule is
+    checked in CI on recorded launches instead; a user's own kernels keep their warnings). On "sim" Numba's
+    simulator runs it.
 
     ``grid_stride``: the kernel loops ``for i in range(cuda.grid(1), n, cuda.gridsize(1))``, so any grid
     covers the n elements. On "cuda" the grid still has a thread per element (the loop runs once); on
@@ -571,21 +609,30 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
     """
     if n <= 0:
         return
+    sim_grid = blocks is None and grid_stride and device() == "sim" and not _cuda_shapes
     if blocks is None:
-        if grid_stride and device() == "sim":
-            threads = min(threads, 32)
-        blocks = (n + threads - 1) // threads
-        if grid_stride and device() == "sim":
-            blocks = 1
+        blocks = (n + threads - 1) // threads           # what "cuda" launches
+    if _launch_logs:
+        largest = max((int(a.size) for a in args if getattr(a, "ndim", 0) > 0), default=0)
+        rec = LaunchRecord(f"{kernel.family}.{kernel.name}", int(blocks), int(threads), int(shared_bytes),
+                           _signature(args), largest)
+        for log in _launch_logs:
+            log.append(rec)
     for c in _counters:
         c.count_launch(kernel.family, "numba")
+    if _skip_work:
+        return
+    if sim_grid:
+        threads, blocks = min(threads, 32), 1
     jitted = kernel.compiled()
     if is_cupy(args[0]) if args else False:
-        key = tuple(_arg_key(a) for a in args)
-        spec = kernel._specialised.get(key)
-        if spec is None:
-            spec = kernel._specialised[key] = jitted.specialize(*args)
-        spec[blocks, threads, _numba_stream(), shared_bytes](*args)
+        ptr = _cupy.cuda.get_current_stream().ptr
+        key = (tuple(_arg_key(a) for a in args), blocks, threads, shared_bytes, ptr)
+        conf = kernel._configured.get(key)
+        if conf is None:
+            conf = kernel._configured[key] = _configure(kernel, jitted, args, blocks, threads, _numba_stream(ptr),
+                                                        shared_bytes)
+        conf(*args)
     else:
         for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
             if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
@@ -601,6 +648,25 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
             sys.setswitchinterval(old)
 
 
+def _configure(kernel, jitted, args, blocks, threads, stream, shared_bytes):
+    """The configured launch of ``kernel`` for these argument types and this grid ("cuda"), checked once."""
+    tkey = tuple(_arg_key(a) for a in args)
+    spec = kernel._specialised.get(tkey)
+    if spec is None:
+        spec = kernel._specialised[tkey] = jitted.specialize(*args)
+    most = spec.get_max_threads_per_block()
+    if threads > most:
+        raise LaunchError(f"{kernel!r}: a block of {threads} threads cannot launch: the kernel uses "
+                          f"{spec.get_regs_per_thread()} registers per thread, which allows at most {most} "
+                          f"threads per block on this GPU (`gpucnn kernels` lists every kernel's limits)")
+    from numba.core.errors import NumbaPerformanceWarning
+    with warnings.catch_warnings():
+        # Numba warns of grids under 128 blocks at every configuration; gpucnn's launches are checked by the
+        # grid-fill rule in CI instead. Only this configuration is silenced: users' kernels keep the warning.
+        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        return spec[blocks, threads, stream, shared_bytes]
+
+
 def matmul(a, b, out=None):
     """The GEMM of every conv and dense layer: cuBLAS through ``cupy.matmul`` on "cuda", BLAS otherwise.
 
@@ -609,12 +675,26 @@ def matmul(a, b, out=None):
     Each call counts as one launch in :func:`gpucnn.profile`.
     """
     count_gemm(a)
+    if _skip_work:
+        return _skipped_matmul(a, b, out)
     if is_cupy(a):
         if _applied != _precision:
             _apply_precision()
     elif _precision == "tf32" and a.dtype == np.float32 and on_gpu(a):
         a, b = round_to_tf32(a), round_to_tf32(b)
     return xp(a).matmul(a, b, out=out)
+
+
+def _skipped_matmul(a, b, out):
+    """What matmul returns while the work is skipped: its output, allocated as usual and left unwritten."""
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    if out is not None:
+        if tuple(out.shape) != shape:
+            raise ValueError(f"matmul: out has shape {tuple(out.shape)}, expected {shape}")
+        return out
+    return xp(a).empty(shape, dtype=np.result_type(a.dtype, b.dtype))
 
 
 def count_gemm(a):

@@ -36,6 +36,14 @@ from . import backend
 
 KERNELS: dict[str, "ElementwiseKernel"] = {}
 HOST_RUNS: set[str] = set()
+CUPY_CALLS: set = set()     # (name, argument specs, keywords) of each distinct call "sim" made (see cupy_call)
+
+
+def _spec(a):
+    """An argument as a test can remake it: ("array", shape, dtype) or ("scalar", value)."""
+    if hasattr(a, "dtype") and getattr(a, "ndim", 0) > 0:
+        return ("array", tuple(a.shape), np.dtype(a.dtype).name)
+    return ("scalar", a.item() if hasattr(a, "item") else a)
 
 _C_TYPES = {
     "float32": "float", "float64": "double", "int8": "signed char", "uint8": "unsigned char",
@@ -104,8 +112,20 @@ class ElementwiseKernel:
                 import cupy
                 self._cupy_kernel = cupy.ElementwiseKernel(self.in_params, self.out_params, self.operation,
                                                            self.name, preamble=self.preamble)
-            return self._cupy_kernel(*args, size=None if made else size)
+            args, kwargs = self.cupy_call(args, size, made)
+            return self._cupy_kernel(*args, **kwargs)
+        _, kwargs = self.cupy_call(args, size, made)
+        CUPY_CALLS.add((self.name, tuple(_spec(a) for a in args), tuple(sorted(kwargs.items()))))
+        if backend._skip_work:      # gpucnn.profile.shapes_only: outputs allocated, nothing computed
+            outs = [a for p, a in zip(self.params, args) if p.is_out]
+            return outs[0] if len(outs) == 1 else tuple(outs)
         return self._host_call(args, types, shape)
+
+    def cupy_call(self, args, size, made):
+        """The positional arguments and keywords ``cupy.ElementwiseKernel.__call__`` gets on "cuda": ``size``
+        only where no output was made here and the caller gave one (CuPy 14 refuses ``size=None``: a TypeError).
+        A test sends every call the sim suite makes through real CuPy with exactly these."""
+        return list(args), ({} if made or size is None else {"size": int(size)})
 
     def _like(self, args):
         """An argument array that says on which device the outputs belong."""

@@ -98,3 +98,33 @@ def profile(print_table: bool = False):
         backend._counters.remove(p)
         if print_table:
             print(p)
+
+
+@contextlib.contextmanager
+def shapes_only(cuda_shapes: bool = False):
+    """Inside this block the GPU code path ("sim") requests and releases every buffer as usual but computes
+    nothing: Numba launches, host-built ElementwiseKernels and GEMMs are skipped (their outputs allocated
+    and left unwritten). Launches are still counted by :func:`profile` and recorded by
+    :func:`record_launches`. A step's workspace plan depends only on shapes and lifetimes, so this predicts a
+    GPU's memory in seconds (bench/memory.py). ``cuda_shapes``: size grids and blocks as "cuda" would,
+    not as small as the simulator prefers (what the launch-resource checks read)."""
+    if backend.device() == "cuda":
+        raise backend.DeviceError("shapes_only: runs the GPU code path on 'sim' only (on 'cuda' the work is real)")
+    old = backend._skip_work, backend._cuda_shapes
+    backend._skip_work, backend._cuda_shapes = True, bool(cuda_shapes)
+    try:
+        yield
+    finally:
+        backend._skip_work, backend._cuda_shapes = old
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect every Numba launch made inside the block as a :class:`gpucnn.backend.LaunchRecord` (kernel,
+    grid, block, shared memory, argument types, largest array); yields the list it fills."""
+    log = []
+    backend._launch_logs.append(log)
+    try:
+        yield log
+    finally:
+        backend._launch_logs.remove(log)

@@ -25,11 +25,12 @@ elif not CUDA:
     gpucnn.use_device("cpu")          # the CPU suite runs on the CPU even on a GPU machine
 
 GPU_PROBLEM = backend._cuda_problem()
+RUN_LAST = ("test_every_registered_kernel_was_exercised", "test_every_cupy_call_passes_cupys_argument_checks")
 
 
 def pytest_collection_modifyitems(config, items):
-    # the registry check must see every other sim test's kernels run: run it last
-    items.sort(key=lambda it: it.name == "test_every_registered_kernel_was_exercised")
+    # the registry checks must see every other sim test's kernels run: run them last
+    items.sort(key=lambda it: it.name in RUN_LAST)
     for item in items:
         sim, gpu = item.get_closest_marker("sim"), item.get_closest_marker("gpu")
         if sim and not SIM:
