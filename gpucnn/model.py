@@ -146,7 +146,7 @@ class Sequential:
         self._stages_for = None     # (layer ids, stages): the fusion plan, remade if the layer list changes
         self._flat = None           # FlatParameters, made at first use
         self._steps = {}            # batch signature -> _StepCache, for the loss and optimizer below
-        self._steps_owner = None    # (loss, optimizer, clip_norm) the cached steps run
+        self._steps_owner = None    # (loss type and config, optimizer, clip_norm) the cached steps run
         self._last_output = None    # the logits of the last train_step (a workspace array)
         if input_shape is not None:
             self.build(input_shape)
@@ -315,8 +315,11 @@ class Sequential:
             raise ValueError("Sequential.train_step: the optimizer was made for another model; "
                              "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
         flat = self.flat
-        owner = (loss, optimizer, clip_norm)
-        if self._steps_owner is None or any(a is not b for a, b in zip(owner, self._steps_owner)):
+        # a loss is known by its type and configuration, not its identity: a loop that passes a new
+        # SoftmaxCrossEntropy() every step keeps its cached steps (their workspace, their graph)
+        owner = ((type(loss), _json(loss.config()) if hasattr(loss, "config") else id(loss)), optimizer, clip_norm)
+        old = self._steps_owner
+        if old is None or old[0] != owner[0] or old[1] is not optimizer or old[2] != clip_norm:
             self._steps, self._steps_owner = {}, owner      # another loss or optimizer: other steps
         # the GEMMs' precision is part of a captured graph, so each precision has its own
         key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str, backend.precision())
