@@ -82,9 +82,9 @@ class SoftmaxCrossEntropy(Loss):
     """Softmax then cross-entropy with integer labels, averaged over the batch (PyTorch's cross_entropy).
 
     Fused: the gradient (softmax - onehot) / N is computed in the forward pass and kept for backward.
-    Stable for any finite logits (the row max is subtracted before exp). Labels are range-checked on the
-    CPU path; on the GPU only their shape and dtype are, without a sync (fit checks the range once for the
-    whole data set with ``gpucnn.kernels.loss.check_labels``; a bad label on the GPU makes the loss NaN).
+    Stable for any finite logits (the row max is subtracted before exp). A label outside [0, classes) is the
+    same ValueError on every device; on the GPU that check costs one reduction and a sync, which fit and
+    evaluate skip (they check the whole data set once: see ``gpucnn.kernels.loss``).
     """
 
     def __init__(self):

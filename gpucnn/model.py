@@ -558,7 +558,8 @@ class Sequential:
         for xb, yb in ds.batches(batch_size, shuffle=False):
             pred = self.forward(self.prepare(xb), training=False)
             b = len(yb)
-            total = total + loss.forward(pred, yb).astype(np.float64) * b
+            with loss_kernels.labels_checked():         # evaluate checked the data set's labels on the host
+                total = total + loss.forward(pred, yb).astype(np.float64) * b
             correct = correct + _correct(pred, yb)
             xp = backend.xp(pred)
             truth = pred[xp.arange(b), yb]
@@ -700,35 +701,35 @@ class Sequential:
         read_every = 1
         t0 = time.perf_counter()
         try:
-            for xb, yb in ds.batches(batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment):
-                value = self.train_step(self.prepare(xb), yb, loss, optimizer, clip_norm=clip_norm, graph=graph)
-                pred = self.last_output
-                if sums is None:
-                    sums = backend.xp(pred).zeros(2, dtype=np.float64)
-                # sums stay on the device (one kernel adds this step's); reading them back waits for the GPU,
-                # so a GPU reads every 20 steps
-                loss_kernels.tally(value, pred, yb, sums)
-                n += len(yb)
-                step += 1
-                if step == 1 and backend.on_gpu(pred):
-                    read_every = _GPU_READ_EVERY
-                if step % read_every == 0 or step == steps:
-                    seen = float(sums[0])
-                    check_finite(seen, f"Sequential.fit: the training loss (epoch {epoch + 1}, step {step})")
-                    if bar is not None and (step % _GPU_READ_EVERY == 0 or step == steps):
-                        rate = n / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix(loss=f"{seen / n:.4f}", acc=f"{int(sums[1]) / n:.4f}",
-                                        img_s=f"{rate:,.0f}", refresh=False)
-                if bar is not None:
-                    bar.update(1)
+            # the labels were checked on the host once (fit), so the GPU path skips its per-batch check (a sync)
+            with loss_kernels.labels_checked():
+                for xb, yb in ds.batches(batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment):
+                    value = self.train_step(self.prepare(xb), yb, loss, optimizer, clip_norm=clip_norm, graph=graph)
+                    pred = self.last_output
+                    if sums is None:
+                        sums = backend.xp(pred).zeros(3, dtype=np.float64)
+                    # sums stay on the device (one kernel adds this step's); reading them back waits for the
+                    # GPU, so a GPU reads every 20 steps
+                    loss_kernels.tally(value, pred, yb, sums)
+                    n += len(yb)
+                    step += 1
+                    if step == 1 and backend.on_gpu(pred):
+                        read_every = _GPU_READ_EVERY
+                    if step % read_every == 0 or step == steps:
+                        seen, hits = _read_sums(sums, pred.shape[1], f"epoch {epoch + 1}, step {step}")
+                        if bar is not None and (step % _GPU_READ_EVERY == 0 or step == steps):
+                            rate = n / max(time.perf_counter() - t0, 1e-9)
+                            bar.set_postfix(loss=f"{seen / n:.4f}", acc=f"{hits / n:.4f}",
+                                            img_s=f"{rate:,.0f}", refresh=False)
+                    if bar is not None:
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
         if n == 0:
             raise ValueError("Sequential.fit: the training set gave no batches")
-        seen = float(sums[0])
-        check_finite(seen, f"Sequential.fit: the training loss (epoch {epoch + 1})")
-        return seen / n, int(sums[1]) / n, n
+        seen, hits = _read_sums(sums, self.last_output.shape[1], f"epoch {epoch + 1}")
+        return seen / n, hits / n, n
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -835,6 +836,16 @@ def _overlap(a, b) -> bool:
         return False
     a0, b0 = backend._address(a), backend._address(b)
     return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def _read_sums(sums, classes, when):
+    """fit's device sums read back (one copy): (loss sum, hits); raises on a bad label or a NaN/Inf loss."""
+    host = backend.to_numpy(sums)
+    if host[2]:
+        raise ValueError(f"Sequential.fit: labels must be in [0, {classes}) for {classes} classes; "
+                         f"{int(host[2])} label(s) outside it reached the GPU kernels ({when})")
+    check_finite(float(host[0]), f"Sequential.fit: the training loss ({when})")
+    return float(host[0]), int(host[1])
 
 
 def _correct(pred, yb):

@@ -150,7 +150,10 @@ def test_mse_against_torch(shape, dtype, rng):
     (np.zeros((3, 1), np.int64), ValueError, r"SoftmaxCrossEntropy: expected labels of shape \(N,\).*got shape \(3, 1\)"),
     ([0, 1, 2], TypeError, r"SoftmaxCrossEntropy: expected the labels as an integer array, got list"),
 ])
-def test_xent_bad_labels(labels, err, match, rng):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("sim", marks=pytest.mark.sim)])
+def test_xent_bad_labels(labels, err, match, device, rng):
+    """The same error, word for word, on the CPU path and the GPU path ("sim"; the first H200 run: "cuda"
+    returned without a word, "sim" failed later with a FloatingPointError)."""
     with pytest.raises(err, match=match):
         SoftmaxCrossEntropy().forward(rng.standard_normal((3, 4)), labels)
 
@@ -264,12 +267,34 @@ def test_sim_block_sum_many_values(rng):
 
 
 @pytest.mark.sim
-def test_sim_bad_label_poisons_the_loss(rng):
-    # the GPU path does not sync to range-check labels: the kernel marks the row NaN instead of indexing
-    value, g = K.softmax_cross_entropy_forward(rng.standard_normal((3, 4)), np.array([0, 7, 1]))
+def test_sim_bad_label_is_poisoned_and_counted_where_the_host_does_not_check(rng):
+    """Inside labels_checked() (fit, evaluate) or while a graph is captured, the GPU path does not sync to
+    range-check labels: the kernel marks the row NaN instead of indexing, and tally counts the bad label into
+    fit's device sums (the flag fit raises on when it reads them back)."""
+    z, y = rng.standard_normal((3, 4)), np.array([0, 7, 1])
+    with K.labels_checked():
+        value, g = K.softmax_cross_entropy_forward(z, y)
     assert np.all(np.isnan(g[1])) and np.all(np.isfinite(g[[0, 2]]))
     with pytest.raises(FloatingPointError, match=r"train: loss is nan at step 4: .*labels outside \[0, classes\)"):
         check_finite(value, "train", step=4)
+    sums = np.zeros(3)
+    K.tally(value, z, y, sums)
+    with backend.cpu_path():
+        ref = np.zeros(3)
+        K.tally(value, z, y, ref)
+    assert sums[2] == ref[2] == 1 and sums[1] == ref[1]
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy: labels must be in \[0, 4\) .*got 7 at index 1"):
+        K.softmax_cross_entropy_forward(z, y)           # outside labels_checked(): the same error as the CPU
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("sim", marks=pytest.mark.sim)])
+def test_train_step_with_a_bad_label_raises_the_cpu_error(device, rng):
+    from gpucnn import models, optim
+    model = models.lenet5(seed=0)
+    opt = optim.SGD(model, lr=0.01)
+    x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: labels must be in \[0, 10\) for 10 classes, got 10 at index 1"):
+        model.train_step(x, np.array([3, 10]), SoftmaxCrossEntropy(), opt)
 
 
 @pytest.mark.sim

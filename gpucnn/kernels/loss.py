@@ -11,13 +11,16 @@ the mean (on the device: no host copy, no sync). Beyond 8192 rows a thread per r
 for the mean. ``tally`` adds a step's loss and correct predictions to fit's running sums, on the device.
 MSE: L = mean((p - t)^2), dL/dp = 2 (p - t) / size; GPU: ElementwiseKernels and the same block sum.
 
-Labels are checked cheaply (shape, dtype) everywhere. Their range is checked on the CPU path on every
-call (free there) but not on the GPU path, where it would cost a sync per batch: ``check_labels`` checks a
-whole data set once (fit does), and a label outside [0, C) that still reaches the GPU kernel is never used
-as an index: it makes its row's loss NaN, which surfaces when the loss is read back.
+Labels: a label outside [0, C) raises the same ValueError on every device. The CPU path checks on every
+call (free there). The GPU path checks with one device reduction and one host read of a boolean (a sync),
+except where that is not wanted or not allowed: inside :func:`labels_checked` (fit and evaluate check the
+whole data set on the host once, with ``check_labels``) and while a CUDA graph is captured. There a bad
+label is never used as an index: it makes its row's loss NaN, and :func:`tally` counts it into fit's
+device sums, which fit reads back every few steps and raises on.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -136,13 +139,20 @@ def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n)
 
 @gpu_kernel
 def _tally_kernel(value, logits, labels, acc, n_rows, n_classes, weight):
-    """ONE block: acc[0] += weight * value[0] and acc[1] += the number of rows whose largest logit (the
-    first, as argmax) is at the label: the running sums fit keeps on the device (float64 acc)."""
+    """ONE block: acc[0] += weight * value[0], acc[1] += the number of rows whose largest logit (the first, as
+    argmax) is at the label, acc[2] += the labels outside [0, classes): the running sums fit keeps on the device
+    (float64 acc). The last is the device flag a replayed step raises on when fit reads the sums back."""
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
     partial = cuda.shared.array(_BLOCK, np.float64)
+    bad_partial = cuda.shared.array(_BLOCK, np.float64)
     hits = 0.0
+    bad = 0.0
     for n in range(t, n_rows, threads):
+        y = labels[n]
+        if y < 0 or y >= n_classes:
+            bad += 1.0
+            continue
         best = logits[n, 0]
         arg = 0
         for k in range(1, n_classes):
@@ -150,13 +160,16 @@ def _tally_kernel(value, logits, labels, acc, n_rows, n_classes, weight):
             if v > best or (v != v and best == best):    # NumPy's argmax: the first NaN counts as the max
                 best = v
                 arg = k
-        if arg == labels[n]:
+        if arg == y:
             hits += 1.0
     partial[t] = hits
+    bad_partial[t] = bad
     block_sum(partial, t, threads)
+    block_sum(bad_partial, t, threads)
     if t == 0:
         acc[0] += weight * value[0]
         acc[1] += partial[0]
+        acc[2] += bad_partial[0]
 
 
 @gpu_kernel
@@ -235,12 +248,16 @@ def softmax_cross_entropy_forward(logits, labels, where: str = "softmax_cross_en
     """(mean cross-entropy as a 0-d array, dL/dlogits) for logits (N, C) and integer labels (N,).
 
     The gradient comes out of the same pass, so a loss keeps it for its backward. ``where`` names the
-    caller in errors. Labels are range-checked here on the CPU path only (see the module docstring).
+    caller in errors. A label outside [0, C) raises the same ValueError on every device (see the module
+    docstring for what it costs on the GPU, and for when the check is left to a device flag).
     """
     n, c = logits.shape
     if on_gpu(logits):
         x = xp(logits)
         logits, labels = x.ascontiguousarray(logits), x.ascontiguousarray(labels)
+        if _check_on_device():
+            if bool(((labels < 0) | (labels >= c)).any()):     # one reduction, one host read of a boolean
+                check_labels(labels, c, where, n)
         grad = backend.empty(logits.shape, logits.dtype, logits)
         if n <= _ONE_BLOCK_ROWS:
             out = backend.empty((1,), logits.dtype, logits)
@@ -254,9 +271,32 @@ def softmax_cross_entropy_forward(logits, labels, where: str = "softmax_cross_en
     return _softmax_xent_cpu(logits, labels)
 
 
+_prechecked = 0         # > 0 inside labels_checked(): the caller checked every label on the host already
+
+
+@contextlib.contextmanager
+def labels_checked():
+    """Inside this block the GPU path does not check label ranges (no sync per batch): for callers that
+    checked the whole data set on the host once (fit, evaluate). A bad label that still reaches the
+    kernels poisons its row (NaN, never an out-of-bounds index) and is counted by :func:`tally`."""
+    global _prechecked
+    _prechecked += 1
+    try:
+        yield
+    finally:
+        _prechecked -= 1
+
+
+def _check_on_device() -> bool:
+    """Whether the GPU path checks label ranges now: not inside labels_checked(), and not while a CUDA graph
+    is captured (a host read is not allowed then; tally's device flag stands in)."""
+    return not _prechecked and not backend.capturing()
+
+
 def tally(value, logits, labels, acc):
-    """Add a training step's loss and hits to the running sums ``acc`` (float64, shape (2,), on the
-    logits' device): ``acc[0] += value * N`` and ``acc[1] +=`` the rows whose argmax is the label.
+    """Add a training step's loss, hits and bad labels to the running sums ``acc`` (float64, shape (3,), on the
+    logits' device): ``acc[0] += value * N``, ``acc[1] +=`` the rows whose argmax is the label, ``acc[2] +=``
+    the labels outside [0, C) (fit raises on it when it reads the sums: a replayed step cannot stop itself).
 
     One launch and no host copy on the GPU, so fit reads ``acc`` back only when it prints.
     """
@@ -265,8 +305,10 @@ def tally(value, logits, labels, acc):
         threads = backend.reduction_threads(n, _BLOCK)
         launch(_tally_kernel, threads, value.reshape(1), logits, labels, acc, n, c, float(n), threads=threads)
         return acc
+    bad = (labels < 0) | (labels >= c)
     acc[0] += float(value) * n
-    acc[1] += int((logits.argmax(axis=1) == labels).sum())
+    acc[1] += int((logits.argmax(axis=1) == labels)[~bad].sum())
+    acc[2] += int(bad.sum())
     return acc
 
 
