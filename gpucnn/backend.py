@@ -671,7 +671,7 @@ def matmul(a, b, out=None):
     """The GEMM of every conv and dense layer: cuBLAS through ``cupy.matmul`` on "cuda", BLAS otherwise.
 
     On "sim" the GEMM is NumPy's: cuBLAS is not our code, so the simulator has nothing of ours to run
-    (under ``set_precision("tf32")`` its float32 inputs are first rounded to TF32, as the tensor cores do).
+    (under ``set_precision("tf32")`` its float32 inputs are first cut to TF32, as the tensor cores read them).
     Each call counts as one launch in :func:`gpucnn.profile`.
     """
     count_gemm(a)
@@ -681,7 +681,7 @@ def matmul(a, b, out=None):
         if _applied != _precision:
             _apply_precision()
     elif _precision == "tf32" and a.dtype == np.float32 and on_gpu(a):
-        a, b = round_to_tf32(a), round_to_tf32(b)
+        a, b = to_tf32(a), to_tf32(b)
     return xp(a).matmul(a, b, out=out)
 
 
@@ -715,15 +715,26 @@ _precision = "fp32"
 
 def set_precision(precision: str) -> str:
     """How float32 GEMMs (cuBLAS, through ``cupy.matmul``) multiply: "fp32" (full float32, the default) or
-    "tf32" (TensorFloat-32 tensor cores on compute capability >= 8.0: inputs rounded to 10 mantissa bits,
-    products summed in float32; several times the fp32 throughput). Our own Numba and elementwise kernels
-    always compute in float32, and float64 GEMMs are never affected. On "sim" the rounding is emulated so
+    "tf32" (TensorFloat-32 tensor cores on compute capability >= 8.0: inputs read to 10 mantissa bits,
+    products summed in float32; several times the fp32 throughput; a GPU below 8.0 is a ValueError). Our own Numba and elementwise kernels
+    always compute in float32, and float64 GEMMs are never affected. On "sim" the cut is emulated (to_tf32) so
     tests can see it; on "cpu" BLAS has no TF32 and nothing changes. Returns the previous setting."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"set_precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32" and _device == "cuda":
+        cc = _compute_capability()
+        if cc < (8, 0):
+            raise ValueError(f"set_precision('tf32'): this GPU (compute capability {cc[0]}.{cc[1]}) has no TF32 "
+                             "tensor cores (they start at 8.0, Ampere); keep 'fp32'")
     old, _precision = _precision, precision
     return old
+
+
+def _compute_capability() -> tuple:
+    """(major, minor) of CuPy's current GPU."""
+    cc = str(_cupy.cuda.Device().compute_capability)       # "90" for 9.0
+    return int(cc[:-1]), int(cc[-1])
 
 
 def precision() -> str:
@@ -744,10 +755,11 @@ def _apply_precision():
     _applied = _precision
 
 
-def round_to_tf32(a):
-    """float32 ``a`` rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), as float32: what a
-    tensor core multiplies under "tf32". Infinities and NaNs pass through."""
+def to_tf32(a):
+    """float32 ``a`` as a TF32 tensor core reads it, as float32: the 13 low mantissa bits dropped (truncated
+    toward zero, keeping 10 stored bits). NVIDIA documents that TF32 tensor cores read "only the first 10
+    bits of the input mantissa"; the first H200 run found cuBLAS's TF32 GEMM 3.25e-5 (relative) away from a
+    round-to-nearest model, as truncation predicts. Infinities and NaNs pass through."""
     bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
     finite = (bits & 0x7F800000) != 0x7F800000
-    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).astype(np.uint32)
-    return np.where(finite, rounded, bits).view(np.float32).reshape(np.shape(a))
+    return np.where(finite, bits & np.uint32(0xFFFFE000), bits).view(np.float32).reshape(np.shape(a))
