@@ -120,12 +120,13 @@ class Case:
     named by ``outputs``; ``theirs`` is None without PyTorch (or where PyTorch has no such op). ``fields``
     go into the row as they are (``{"algo": "winograd"}``). ``cpu_ref()``, where given, returns the CPU
     path's outputs as host arrays, checked on every device (on --dry without it: ``ours()`` under
-    ``backend.cpu_path()``)."""
+    ``backend.cpu_path()``). ``ref64()``, where given, returns the outputs in float64 on the host (PyTorch's
+    CPU build): the arbiter when gpucnn and PyTorch disagree (see _common.arbitrate)."""
 
-    def __init__(self, shape, dims, pass_, outputs, ours, theirs, fields=None, cpu_ref=None):
+    def __init__(self, shape, dims, pass_, outputs, ours, theirs, fields=None, cpu_ref=None, ref64=None):
         self.shape, self.dims, self.pass_, self.outputs = shape, dims, pass_, outputs
         self.ours, self.theirs = ours, theirs
-        self.fields, self.cpu_ref = fields or {}, cpu_ref
+        self.fields, self.cpu_ref, self.ref64 = fields or {}, cpu_ref, ref64
 
 
 # ------------------------------------------------------------------------------------------ the cases
@@ -216,11 +217,22 @@ def conv_cases(env, label, dims, movement=False):
                   "grad-input": lambda: bwd([True, False, False]),
                   "grad-weight": lambda: bwd([False, True, True]),
                   "backward": lambda: bwd([True, True, True])}
+    ref64 = dict.fromkeys(theirs)
+    if t is not None:
+        def ref(mask):
+            # the arbiter: PyTorch's CPU build in float64 on the same inputs (computed only on a disagreement)
+            tx, tw, tb, tgy = (t.tensor(h[n], dtype=t.float64) for n in ("x", "w", "b", "gy"))
+            if mask is None:
+                return (t.nn.functional.conv2d(tx, tw, tb, s, p).numpy(),)
+            out = t.ops.aten.convolution_backward(tgy, tx, tw, [K], [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
+            return tuple(o.numpy() for o, m in zip(out, mask) if m)
+        ref64 = {"forward": lambda: ref(None), "grad-input": lambda: ref([True, False, False]),
+                 "grad-weight": lambda: ref([False, True, True]), "backward": lambda: ref([True, True, True])}
     out = []
     for i, (n, outs, fn) in enumerate(cases):       # each pass by im2col + GEMM, then beside it by Winograd
-        out.append(Case(shape, dims, n, outs, fn, theirs[n], {"algo": "gemm"}))
+        out.append(Case(shape, dims, n, outs, fn, theirs[n], {"algo": "gemm"}, ref64=ref64[n]))
         if winograd:
-            out.append(Case(shape, dims, n, outs, winograd[i][2], theirs[n], {"algo": "winograd"}))
+            out.append(Case(shape, dims, n, outs, winograd[i][2], theirs[n], {"algo": "winograd"}, ref64=ref64[n]))
     if movement:
         out += movement_cases(env, shape, dims, x, h["x"])
     return out
@@ -367,7 +379,16 @@ def check_case(env, case, precision):
         if case.theirs is not None:
             theirs = host(case.theirs())
             tol = C.TOLERANCE["tf32" if precision == "tf32" else "fp32"]
-            row["err_torch"] = C.check(zip(case.outputs, ours, theirs), tol, f"{what} (vs PyTorch)")
+            try:
+                row["err_torch"] = C.check(zip(case.outputs, ours, theirs), tol, f"{what} (vs PyTorch)")
+            except AssertionError as e:
+                if case.ref64 is None:
+                    raise
+                row["err_torch"] = max(C.rel_error(a, b) for a, b in zip(ours, theirs))
+                row["err_fp64"], row["err_torch_fp64"] = C.arbitrate(case.outputs, ours, theirs, case.ref64(), tol,
+                                                                     what)
+                row["note"] = f"{e}; against float64 gpucnn is off by {row['err_fp64']:.2e}, PyTorch by " \
+                              f"{row['err_torch_fp64']:.2e}: PyTorch's result is the inaccurate one"
     except AssertionError as e:
         row["error"] = str(e)
         return row
@@ -447,6 +468,8 @@ def main():
                     rows.append(row)
                     if "error" in row:
                         print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
+                    elif "note" in row:
+                        print(f"note: {row['note']}", file=sys.stderr)
                     print(f"  {row['shape']:<44} {row['pass']:<12} {variant(row) or '-':<9} {precision}"
                           f"  gpucnn {C.fmt(row.get('gpucnn_ms'))} ms  torch {C.fmt(row.get('torch_ms'))} ms"
                           f"  launches {C.fmt(row.get('launches'))}", flush=True)
@@ -466,7 +489,10 @@ def main():
         columns.append(("launches", "launches"))
     if any("err_cpu_path" in r for r in rows):     # --dry, and the data-movement rows on cuda
         columns.append(("err vs CPU path", "err_cpu_path"))
-    columns += [("err vs torch", "err_torch"), ("check", "check")]
+    columns += [("err vs torch", "err_torch")]
+    if any("err_fp64" in r for r in rows):         # a disagreement with PyTorch, settled against float64
+        columns += [("err vs float64", "err_fp64"), ("torch err vs float64", "err_torch_fp64")]
+    columns.append(("check", "check"))
     print()
     print(f"## gpucnn vs PyTorch per op on {args.device}"
           + (f" ({m['gpu']})" if "gpu" in m else f" ({m['cpu']}, {m['blas_threads']} threads)"))

@@ -196,3 +196,17 @@ def test_save_results_keeps_every_run_of_the_day(tmp_path):
     with open(path) as f:
         assert json.load(f) == {"train": [{"n": 4}]}
     assert os.path.exists(path + ".unreadable")
+
+
+def test_a_disagreement_with_pytorch_is_settled_against_float64(rng):
+    """The H200 run failed AlexNet c2's grad-weight (1.37e-2 from cuDNN) without knowing which side was off:
+    now both go against a float64 reference, and only gpucnn's own error fails the row."""
+    ref = rng.standard_normal((64, 25))
+    ours = ref + 1e-6 * rng.standard_normal(ref.shape)
+    theirs = ref + 2e-2 * np.abs(ref).max() * rng.standard_normal(ref.shape)
+    with pytest.raises(AssertionError, match="vs PyTorch"):
+        C.check([("gw", ours, theirs)], 1e-3, "case (vs PyTorch)")
+    err_ours, err_theirs = C.arbitrate(["gw"], [ours], [theirs], [ref], 1e-3, "case")
+    assert err_ours < 1e-5 and err_theirs > 1e-2
+    with pytest.raises(AssertionError, match=r"case \(vs float64\): gw differs"):
+        C.arbitrate(["gw"], [theirs], [ours], [ref], 1e-3, "case")

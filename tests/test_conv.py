@@ -527,3 +527,24 @@ def test_data_movement_kernels_compile_for_a_real_gpu():
                 C._im2col_tiled_kernel: (a(f32, 4), a(f32, 6)) + (i64,) * 6,
                 C._col2im_tiled_kernel: (a(f32, 6), a(f32, 4)) + (i64,) * 6}
     """)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("sim", marks=pytest.mark.sim)])
+def test_grad_weight_over_a_long_reduction_matches_float64(device, rng):
+    """AlexNet c2's geometry (96 -> 256 channels, 27x27, 5x5, pad 2; fewer images, and on "sim" fewer channels):
+    every weight gradient sums
+    N*27*27 products. float32 gw and gb must equal a float64 computation on the same inputs within float32
+    rounding, on the CPU path and on the GPU path ("sim": im2col + the GEMM cuBLAS runs). The H200's bench
+    saw 1.37e-2 between gpucnn and cuDNN at batch 128; this pins gpucnn's side against float64."""
+    N, C, Cout = (2, 8, 16) if device == "sim" else (4, 96, 256)     # the simulator is slow: fewer channels
+    x = rng.standard_normal((N, C, 27, 27)).astype(np.float32)
+    w = (rng.random((Cout, C, 5, 5), dtype=np.float32) * 2 - 1) / np.float32(np.sqrt(C * 25))
+    gy = rng.standard_normal((N, Cout, 27, 27)).astype(np.float32)
+    _, col = K.conv2d_forward(x, w, None, 1, 2)
+    _, gw, gb = K.conv2d_backward(x.shape, col, w, gy, 1, 2, need_gx=False)
+    with backend.cpu_path():
+        x64, w64, gy64 = x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64)
+        _, col64 = K.conv2d_forward(x64, w64, None, 1, 2)
+        _, gw64, gb64 = K.conv2d_backward(x64.shape, col64, w64, gy64, 1, 2, need_gx=False)
+    assert_close(gw, gw64, "float32", f"gw over {N * 27 * 27} positions ({device})")
+    assert_close(gb, gb64, "float32", f"gb over {N * 27 * 27} positions ({device})")
