@@ -358,3 +358,57 @@ def test_clip_grad_norm(rng):
     for layer, r in zip(layers, ref):
         for k in r:
             assert_close(gpucnn.to_numpy(layer.grads[k]), r[k], "float32", f"clipped {layer.name}.{k}")
+
+
+# ---------------------------------------------------------------------------------------- what the first H200 run found
+
+def test_gpucnn_launches_keep_numbas_occupancy_warning_to_themselves(rng):
+    """A LeNet-5 step launches small grids (the loss, the bias gradients) and emits no NumbaPerformanceWarning
+    (7 per main job on the H200); a user's own kernel on a small grid still gets Numba's warning."""
+    import warnings
+
+    from numba import cuda
+    from numba.core.errors import NumbaPerformanceWarning
+    model = gpucnn.models.lenet5(seed=0)
+    model.to(GPU)
+    opt = optim.SGD(model, lr=0.01, momentum=0.9)
+    x = gpucnn.asarray(rng.standard_normal((64, 1, 28, 28)).astype(np.float32))
+    y = gpucnn.asarray(rng.integers(0, 10, 64))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model.train_step(x, y, losses.SoftmaxCrossEntropy(), opt, graph=False)
+    assert not [w for w in seen if issubclass(w.category, NumbaPerformanceWarning)], [str(w.message) for w in seen]
+
+    @cuda.jit
+    def users_kernel(a):
+        i = cuda.grid(1)
+        if i < a.size:
+            a[i] += 1
+
+    with pytest.warns(NumbaPerformanceWarning, match="Grid size 1"):
+        users_kernel[1, 32](cuda.to_device(np.zeros(8, np.float32)))
+
+
+def test_bad_labels_raise_the_cpu_error_on_the_gpu(rng):
+    logits = gpucnn.asarray(rng.standard_normal((2, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: labels must be in \[0, 3\) for 3 classes, got 3 at index 1"):
+        losses.SoftmaxCrossEntropy().forward(logits, gpucnn.asarray(np.array([0, 3])))
+    model = gpucnn.models.lenet5(seed=0)
+    model.to(GPU)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) for 10 classes, got -1 at index 0"):
+        model.train_step(gpucnn.asarray(rng.standard_normal((2, 1, 28, 28)).astype(np.float32)),
+                         gpucnn.asarray(np.array([-1, 2])), losses.SoftmaxCrossEntropy(), optim.SGD(model, lr=0.1))
+
+
+def test_a_block_too_large_for_the_kernels_registers_is_a_clear_error():
+    from gpucnn.kernels import activation as KA
+    spec_limit = None
+    a = gpucnn.asarray(np.zeros((4, 2, 2, 2), np.float32))
+    try:
+        backend.launch(KA._pool_act_bias_grad_kernel, 4 * 2048, a.reshape(2, 2, 2, 2), a.astype(np.int32),
+                       a, a.copy(), gpucnn.asarray(np.zeros(4, np.float32)), 0, np.float32(0.0), True, 2, 2, 2, 2, 0,
+                       0, threads=2048, shared_bytes=2048 * 4)
+    except backend.LaunchError as e:
+        spec_limit = str(e)
+    assert spec_limit and "registers per thread" in spec_limit, spec_limit
