@@ -137,8 +137,9 @@ def test_sim_after_real_numba_cuda_is_a_device_error():
 
 # ---------------------------------------------------------------------------------------- this process
 
-@pytest.mark.skipif(HAVE_CUPY, reason="CuPy is installed here: the no-CuPy message cannot be seen")
-def test_cuda_without_cupy_says_how_to_install_it():
+def test_cuda_without_cupy_says_how_to_install_it(monkeypatch):
+    real = backend.importlib.util.find_spec
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
     before = gpucnn.device()
     with pytest.raises(gpucnn.DeviceError, match=r"use_device\('cuda'\): CuPy is not installed\. .*"
                                                  r"pip install 'gpucnn\[cuda12\]'"):
