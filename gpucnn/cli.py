@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="the device, the versions of gpucnn and its dependencies, the data found")
     i.add_argument("--device", **device)
+
+    from . import selftest
+    selftest.add_arguments(sub.add_parser(
+        "selftest", help="check gpucnn on this GPU: every op against the CPU path, training steps, bad inputs, "
+                         "compile and step times (exit 1 on a failure, 2 without a GPU)"))
     return parser
 
 
@@ -329,7 +334,13 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "info": cmd_info}
+def cmd_selftest(args) -> int:
+    from . import selftest
+    return selftest.run(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "info": cmd_info,
+            "selftest": cmd_selftest}
 
 
 def _user_errors():
