@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_arguments(sub.add_parser(
         "selftest", help="check gpucnn on this GPU: every op against the CPU path, training steps, bad inputs, "
                          "compile and step times (exit 1 on a failure, 2 without a GPU)"))
+    k = sub.add_parser("kernels", add_help=False,
+                       help="each Numba kernel's registers, shared memory, spills, largest legal block and occupancy "
+                            "(from ptxas, no GPU needed); `gpucnn kernels --help` for its options")
+    k.set_defaults(options=[])     # main() hands `gpucnn kernels ...` to kernel_report.main whole
     return parser
 
 
@@ -334,13 +338,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    from . import kernel_report
+    return kernel_report.main(args.options)
+
+
 def cmd_selftest(args) -> int:
     from . import selftest
     return selftest.run(args)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "info": cmd_info,
-            "selftest": cmd_selftest}
+            "selftest": cmd_selftest, "kernels": cmd_kernels}
 
 
 def _user_errors():
@@ -352,6 +361,10 @@ def _user_errors():
 
 def main(argv=None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:                 # its own options (--arch, --json): its own parser
+        from . import kernel_report
+        return kernel_report.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -530,10 +530,18 @@ def bias_activation_pool(z, b, kind: str, slope: float, pool):
     return a, p, (switches if mode == "max" else None)
 
 
+# The largest block each reduction kernel may launch: a power of two (block_sum halves it) whose registers fit a
+# block's 65,536. ptxas gives _act_bias_grad_kernel 40 registers per thread, so 1,024 threads fit; it gives
+# _pool_act_bias_grad_kernel 80 (sm_90) to 94 (sm_75, sm_80), and a block of 1,024 threads allows at most 64
+# (on an H200 it failed with LAUNCH_OUT_OF_RESOURCES), so that one stops at 512. `gpucnn kernels` prints every kernel's
+# registers; tests/test_launch_resources.py checks every launch against them.
+_MAX_THREADS = {"_act_bias_grad_kernel": 1024, "_pool_act_bias_grad_kernel": 512}
+
+
 def _reduce(kernel, channels, per_channel, like, *args):
     # a block per channel; a conv has few channels (6 in LeNet's first layer) and many values per channel
-    # (200,000 at batch 256), so the blocks are as large as CUDA allows
-    threads = backend.reduction_threads(per_channel, cap=1024)
+    # (200,000 at batch 256), so the blocks are as large as the kernel's registers allow
+    threads = backend.reduction_threads(per_channel, cap=_MAX_THREADS[kernel.name])
     launch(kernel, channels * threads, *args, threads=threads, shared_bytes=threads * like.itemsize)
 
 
