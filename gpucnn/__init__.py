@@ -6,8 +6,8 @@
 """
 __version__ = "0.1.0"
 
-from .backend import (DeviceError, asarray, device, precision, seed, set_precision, to_numpy,  # noqa: F401
-                      use_device)
+from .backend import (DeviceError, DeviceMemoryError, asarray, device, precision, seed, set_precision,  # noqa: F401
+                      to_numpy, use_device)
 from . import layers  # noqa: F401
 from . import losses  # noqa: F401
 from . import testing  # noqa: F401

@@ -162,8 +162,11 @@ def cpu_path():
 
 
 def xp(a):
-    """The array module of ``a``: cupy for CuPy arrays, numpy otherwise (the Chainer idiom)."""
-    return _cupy if is_cupy(a) else np
+    """The array module of ``a``: cupy for CuPy arrays, numpy otherwise (the Chainer idiom); for an array of a
+    step being captured on "sim", numpy whose asarray/ascontiguousarray keep it a CapturedArray."""
+    if is_cupy(a):
+        return _cupy
+    return _captured_numpy if _sim_ops is not None and isinstance(a, CapturedArray) else np
 
 
 def asarray(a, dtype=None, device_=None):
@@ -179,10 +182,22 @@ def asarray(a, dtype=None, device_=None):
 
 
 def to_numpy(a):
-    """Bring an array back to the host as a NumPy array (a no-op for NumPy arrays)."""
+    """Bring an array back to the host as a NumPy array (a no-op for NumPy arrays). While a graph is captured
+    on "sim" this is the device-to-host copy CuPy refuses then."""
     if is_cupy(a):
         return a.get()
+    if _sim_ops is not None:
+        raise CaptureError(D2H_IN_CAPTURE)
     return np.asarray(a)
+
+
+def synchronize():
+    """Wait for the work queued on the device ("cuda"; nothing to wait for on "cpu" and "sim"). While a graph
+    is captured CUDA refuses it: "sim" raises CUDA's error, as CuPy does on "cuda"."""
+    if _sim_ops is not None:
+        raise CaptureError(SYNC_IN_CAPTURE)
+    if _device == "cuda":
+        _cupy.cuda.get_current_stream().synchronize()
 
 
 def empty(shape, dtype, like):
@@ -190,7 +205,8 @@ def empty(shape, dtype, like):
     :func:`workspace`, the arena's buffer for this request when it fits."""
     if _arena is not None:
         return _arena.take(shape, dtype, like)
-    _count_alloc(shape, dtype, like)
+    _refuse_allocation_in_capture(shape, dtype, "by backend.empty outside a workspace")
+    _allocating(shape, dtype, like)
     return xp(like).empty(shape, dtype=dtype)
 
 
@@ -200,23 +216,65 @@ def zeros(shape, dtype, like):
         a = _arena.take(shape, dtype, like)
         a.fill(0)
         return a
-    _count_alloc(shape, dtype, like)
+    _refuse_allocation_in_capture(shape, dtype, "by backend.zeros outside a workspace")
+    _allocating(shape, dtype, like)
     return xp(like).zeros(shape, dtype=dtype)
 
 
 def persistent_empty(shape, dtype, like):
     """An array that outlives a training step (a layer's own small buffer), never taken from a workspace."""
-    _count_alloc(shape, dtype, like)
+    _refuse_allocation_in_capture(shape, dtype, "by backend.persistent_empty (make it before the capture)")
+    _allocating(shape, dtype, like)
     return xp(like).empty(shape, dtype=dtype)
 
 
-def _count_alloc(shape, dtype, like, depth=3):
-    # On "cuda" the CuPy memory hook of gpucnn.profile sees every allocation already.
+def _allocating(shape, dtype, like, depth=3):
+    """Every device array the backend allocates is announced here first: gpucnn.profile counts it on "sim" (on
+    "cuda" its CuPy memory hook sees every allocation already), and on "sim" the emulated memory limit may refuse it."""
+    if SIM_DEVICE_MEMORY is not None and not is_cupy(like) and on_gpu(like):
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes > SIM_DEVICE_MEMORY:
+            raise OutOfMemoryError(nbytes)
     if _counters and not is_cupy(like) and on_gpu(like):
         from .profile import _family_of_caller
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for c in _counters:
             c.count_alloc(_family_of_caller(depth), nbytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# running out of device memory
+
+SIM_DEVICE_MEMORY = None    # bytes: on "sim" a larger allocation fails as on a GPU with that much free (tests)
+
+
+class OutOfMemoryError(MemoryError):
+    """"sim"'s stand-in for CuPy's cupy.cuda.memory.OutOfMemoryError (the same message), past SIM_DEVICE_MEMORY."""
+
+    def __init__(self, size: int):
+        self._size = size
+        super().__init__(f"Out of memory allocating {size:,} bytes")
+
+
+class DeviceMemoryError(MemoryError):
+    """The device ran out of memory in a step; the message names the step, the bytes asked for, what to do."""
+
+
+@contextlib.contextmanager
+def device_memory_errors(where, advice: str):
+    """Within this block the allocator's out-of-memory error (CuPy's, or "sim"'s emulated one) becomes a
+    DeviceMemoryError saying ``where()`` (the step: a callable, formatted only then), the bytes asked for
+    and ``advice``."""
+    try:
+        yield
+    except MemoryError as e:
+        if isinstance(e, DeviceMemoryError) or not (isinstance(e, OutOfMemoryError)
+                                                    or type(e).__module__.startswith("cupy")):
+            raise
+        size = getattr(e, "_size", None)
+        asked = f" allocating {size:,} bytes" if size else ""
+        raise DeviceMemoryError(f"{where()}: the GPU ran out of memory{asked} ({type(e).__name__}: {e}). "
+                                f"{advice}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +326,8 @@ class Arena:
         self.cursor += 1
         a = self.buffers[k] if k < len(self.buffers) else None
         if a is None or a.shape != shape or a.dtype != dtype or is_cupy(a) != is_cupy(like):
-            _count_alloc(shape, dtype, like, depth=4)
+            _refuse_allocation_in_capture(shape, dtype, f"by the workspace: request {k} is not in its plan")
+            _allocating(shape, dtype, like, depth=4)
             a = xp(like).empty(shape, dtype=dtype)
             if k < len(self.buffers):
                 self.buffers[k] = a
@@ -283,7 +342,7 @@ class Arena:
         self.clock += 1
         if a.size:
             self._live[_address(a)] = k
-        return a
+        return _captured(a) if _sim_ops is not None else a
 
     def release(self, a):
         """``a`` (a buffer this run handed out, or a view starting where it starts) is read no more this run."""
@@ -308,7 +367,7 @@ class Arena:
         end = self.clock + 1
         spans = [(b, end if d is None else d) for b, d in self.spans]
         offsets, total = _plan(sizes, spans, self.ALIGN)
-        _count_alloc((max(total, 1),), np.uint8, self.buffers[0], depth=2)
+        _allocating((max(total, 1),), np.uint8, self.buffers[0], depth=2)
         slab = xp(self.buffers[0]).empty(max(total, 1), dtype=np.uint8)
         self.buffers = [slab[o:o + n].view(a.dtype).reshape(a.shape)
                         for a, o, n in zip(self.buffers, offsets, sizes)]
@@ -388,13 +447,234 @@ def no_workspace():
 
 
 # ----------------------------------------------------------------------------------------------
-# per-step scalars and CUDA graphs
+# CUDA graphs: a training step captured once per batch shape and replayed (see gpucnn.model).
+# "sim" captures too, and refuses what CUDA and CuPy refuse while capturing, in their words, so that a step
+# that cannot be captured on a GPU cannot be captured on "sim" either.
 
-_capturing = False      # True while a CUDA graph is being captured (see gpucnn.model)
+_capturing = False      # True while a graph is being captured ("cuda" or "sim")
+_sim_ops = None         # while "sim" captures: the device work the step queued (closures), in stream order
+
+# CuPy 14.2's and CUDA's messages (cuBLAS: cupy_backends/cuda/libs/cublas.pyx, setStream; D2H: cupy/cuda/memory.pyx,
+# MemoryPointer.copy_to_host_async, which ndarray.get and so float(), bool(), item() ... reach; sync: CUDA's
+# cudaErrorStreamCaptureUnsupported as CuPy's CUDARuntimeError words it)
+CUBLAS_IN_CAPTURE = "calling cuBLAS API during stream capture is currently unsupported"
+D2H_IN_CAPTURE = "the current stream is capturing, so D2H transfers are disallowed"
+SYNC_IN_CAPTURE = "cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing"
+CUBLAS_CAPTURABLE = False   # CuPy refuses any cuBLAS call in a capture; tests lift it on "sim" to check the rest
+
+
+class CaptureError(RuntimeError):
+    """An operation a graph capture refuses (a host read, a sync, an allocation outside the step's workspace),
+    raised on "sim" with the words CuPy or CUDA use on "cuda"."""
 
 
 def capturing() -> bool:
+    """True while a training step is being captured as a graph."""
     return _capturing
+
+
+def _refuse_allocation_in_capture(shape, dtype, how):
+    if _capturing:
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raise CaptureError(
+            f"allocating {nbytes:,} bytes ({np.dtype(dtype).name}{shape}) {how} while a graph is captured: on a GPU "
+            "that is a cudaMalloc the graph keeps a pointer to after the memory is reused. Everything a captured "
+            "step writes must come from its workspace (backend.empty/zeros inside the step) or exist before it")
+
+
+def _host_read(name):
+    """ndarray's method ``name`` (a read on the host), refused while a graph is captured on "sim", as CuPy does."""
+    def read(self, *args, **kwargs):
+        if _sim_ops is not None:
+            raise CaptureError(D2H_IN_CAPTURE)
+        return getattr(np.ndarray, name)(self, *args, **kwargs)
+    read.__name__ = name
+    return read
+
+
+class CapturedArray(np.ndarray):
+    """A device array of a step being captured on "sim" (a workspace buffer, a batch input, or a view of one).
+
+    As on a GPU while capturing: reading it on the host (bool, float, int, index, item, tolist, to_numpy)
+    raises CuPy's error; a write to it (a ufunc with ``out=``, fill, item assignment, copyto) is recorded for
+    the graph's launches, not run; a new array made from it (a ufunc without ``out=``, copy, astype, fancy
+    indexing, ...) is an allocation outside the workspace and raises. Views of it stay CapturedArrays, and an
+    integer index gives a 0-d view (a 0-d CuPy array), not a host number. Outside a capture it is an ndarray.
+    """
+
+    def __array_finalize__(self, obj):
+        # legitimate: a view of a CapturedArray, or _captured's view of a plain buffer; anything else is new memory
+        if _sim_ops is not None and obj is not None and not isinstance(self.base, CapturedArray) \
+                and not (self.base is obj and not isinstance(obj, CapturedArray)):
+            _refuse_allocation_in_capture(self.shape, self.dtype, "by a NumPy operation on a device array")
+
+    __bool__, __float__, __int__, __index__, __complex__, item, tolist = map(
+        _host_read, ("__bool__", "__float__", "__int__", "__index__", "__complex__", "item", "tolist"))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        inputs = [_plain(a) for a in inputs]
+        kwargs = {k: _plain(v) for k, v in kwargs.items()}
+        if out is not None:
+            kwargs["out"] = tuple(_plain(o) for o in out)
+        if _sim_ops is None:
+            return getattr(ufunc, method)(*inputs, **kwargs)
+        if method != "at" and (out is None or any(o is None for o in out)):
+            what = ufunc.__name__ + ("" if method == "__call__" else f".{method}")
+            raise CaptureError(f"numpy.{what} without out= on a device array while a graph is captured: a new "
+                               "array outside the step's workspace (on a GPU an allocation the graph cannot keep)")
+        _sim_ops.append(lambda: getattr(ufunc, method)(*inputs, **kwargs))
+        return None if out is None else out[0] if len(out) == 1 else out
+
+    def __array_function__(self, func, types, args, kwargs):
+        if _sim_ops is not None and func not in _VIEW_FUNCTIONS:
+            if func is not np.copyto:
+                raise CaptureError(f"numpy.{func.__name__} on a device array while a graph is captured on 'sim': it "
+                                   "cannot be recorded for the graph (on a GPU it would allocate or read on the "
+                                   "host); write the step with gpucnn's kernels, or ufuncs with out=")
+            args, kwargs = [_plain(a) for a in args], {k: _plain(v) for k, v in kwargs.items()}
+            _sim_ops.append(lambda: np.copyto(*args, **kwargs))
+            return None
+        return super().__array_function__(func, types, args, kwargs)
+
+    def fill(self, value):
+        if _sim_ops is None:
+            return np.ndarray.fill(self, value)
+        plain = _plain(self)
+        _sim_ops.append(lambda: plain.fill(value))
+
+    def __setitem__(self, key, value):
+        if _sim_ops is None:
+            return np.ndarray.__setitem__(self, key, value)
+        plain, key, value = _plain(self), _plain(key), _plain(value)
+        _sim_ops.append(lambda: plain.__setitem__(key, value))
+
+    def __getitem__(self, key):
+        a = np.ndarray.__getitem__(self, key)
+        if _sim_ops is not None and not isinstance(a, np.ndarray):     # a number: stay a 0-d device array
+            a = np.ndarray.__getitem__(self, (key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
+        return a
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self))) if _sim_ops is not None else np.ndarray.__iter__(self)
+
+
+_VIEW_FUNCTIONS = {np.reshape, np.transpose, np.ravel, np.squeeze, np.expand_dims, np.moveaxis, np.swapaxes,
+                   np.shape, np.ndim, np.size, np.broadcast_to, np.may_share_memory, np.shares_memory}
+
+
+def _captured(a):
+    """``a`` (a plain buffer) seen as a CapturedArray: the same memory."""
+    return a.view(CapturedArray) if isinstance(a, np.ndarray) and not isinstance(a, CapturedArray) else a
+
+
+def _plain(a):
+    """A CapturedArray seen as a plain ndarray (the same memory); anything else (tuples of them too) as it is."""
+    if isinstance(a, CapturedArray):
+        return a.view(np.ndarray)
+    if isinstance(a, tuple):
+        return tuple(_plain(v) for v in a)
+    return a
+
+
+class _CapturedNumPy:
+    """numpy as ``xp(a)`` gives it for a CapturedArray: asarray and ascontiguousarray return the array itself when
+    it fits (CuPy's would copy otherwise: an allocation, refused); everything else is numpy's."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def asarray(self, a, dtype=None):
+        if dtype is not None and np.dtype(dtype) != a.dtype:
+            _refuse_allocation_in_capture(a.shape, dtype, "by asarray (a conversion)")
+        return a
+
+    def ascontiguousarray(self, a, dtype=None):
+        if not a.flags.c_contiguous:
+            _refuse_allocation_in_capture(a.shape, a.dtype, "by ascontiguousarray (a copy)")
+        return self.asarray(a, dtype)
+
+
+_captured_numpy = _CapturedNumPy()
+
+
+def enqueue(fn):
+    """Run ``fn`` (device work: a kernel, a GEMM) now, or, while a graph is captured on "sim", record it for the
+    graph's launches (on a GPU nothing runs while capturing either)."""
+    if _sim_ops is None:
+        fn()
+    else:
+        _sim_ops.append(fn)
+
+
+class _CudaGraph:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def launch(self):
+        self.graph.launch(stream=_cupy.cuda.get_current_stream())
+
+
+class _SimGraph:
+    """A step captured on "sim": the device work it queued, in order, with the arguments it was captured with (as
+    a CUDA graph holds its kernels' arguments): replaying it runs that work again and nothing else."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def launch(self):
+        for op in self.ops:
+            op()
+
+
+def capture_graph(fn, *inputs):
+    """Capture ``fn(*inputs)`` (a training step) as a graph of the device work it queues; nothing runs while
+    capturing. "cuda": a CUDA graph (CuPy stream capture); "sim": the same work recorded, the inputs and workspace
+    buffers handed out as CapturedArrays, and every rule of the capture enforced (see CapturedArray, matmul,
+    synchronize, the workspace). Returns ``(graph, fn's results, None)``, whose ``graph.launch()`` replays the
+    step, or ``(None, None, error)`` when the capture failed (the caller then runs the step eagerly).
+    gpucnn.profile and record_launches see what runs, so nothing of the capture."""
+    paused = list(_counters), list(_launch_logs)
+    _counters.clear()
+    _launch_logs.clear()
+    try:
+        return _capture_graph(fn, inputs)
+    finally:
+        _counters.extend(paused[0])
+        _launch_logs.extend(paused[1])
+
+
+def _capture_graph(fn, inputs):
+    global _capturing, _sim_ops
+    graph = result = error = None
+    if is_cupy(inputs[0]):
+        stream = _cupy.cuda.Stream(non_blocking=True)
+        _cupy.cuda.get_current_stream().synchronize()     # once per batch shape: nothing pending crosses over
+        with stream:
+            _capturing = True
+            stream.begin_capture()
+            try:
+                result = fn(*inputs)
+            except Exception as e:          # noqa: BLE001 - returned: the caller falls back to eager
+                error = e
+            finally:
+                try:
+                    graph = stream.end_capture()
+                except Exception as e:      # noqa: BLE001
+                    error = error or e
+                _capturing = False
+        if error is None and graph is None:
+            error = RuntimeError("the stream capture ended without a graph")
+        return (None, None, error) if error is not None else (_CudaGraph(graph), result, None)
+    ops = []
+    _capturing, _sim_ops = True, ops
+    try:
+        result = fn(*(_captured(a) for a in inputs))
+    except Exception as e:                  # noqa: BLE001 - as on "cuda"
+        error = e
+    finally:
+        _capturing, _sim_ops = False, None
+    return (None, None, error) if error is not None else (_SimGraph(ops), _plain(result), None)
 
 
 def write_scalars(dst, values):
@@ -403,8 +683,8 @@ def write_scalars(dst, values):
     reads their current values at every replay.
 
     On "cuda" an asynchronous copy on the current stream (the host does not wait). While a graph is
-    being captured the copy is left out (it would be recorded with this step's values): whoever replays
-    the graph writes the values before every replay.
+    being captured ("cuda" or "sim") the copy is left out (it would be recorded with this step's values):
+    whoever replays the graph writes the values before every replay.
     """
     host = np.asarray(values, dtype=dst.dtype).reshape(dst.shape)
     if is_cupy(dst):
@@ -413,7 +693,7 @@ def write_scalars(dst, values):
             # CUDA stages a copy from pageable memory before returning; keeping the last few host arrays
             # alive anyway costs nothing and leaves no doubt about what an in-flight copy reads
             _in_flight.append(host)
-    else:
+    elif not _capturing:
         dst[...] = host
 
 
@@ -637,15 +917,20 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
         for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
             if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
                 raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
-        # The simulator runs each CUDA thread as a Python thread and polls them; with Python's default
-        # 5 ms GIL switch interval every syncthreads costs milliseconds. A short interval, while it runs,
-        # makes the sim suite several times faster and changes nothing else.
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(_SIM_SWITCH_INTERVAL)
-        try:
-            jitted[blocks, threads, 0, shared_bytes](*args)
-        finally:
-            sys.setswitchinterval(old)
+        args = tuple(_plain(a) for a in args)
+        enqueue(lambda: _simulate(jitted[blocks, threads, 0, shared_bytes], args))
+
+
+def _simulate(configured, args):
+    # The simulator runs each CUDA thread as a Python thread and polls them; with Python's default
+    # 5 ms GIL switch interval every syncthreads costs milliseconds. A short interval, while it runs,
+    # makes the sim suite several times faster and changes nothing else.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(_SIM_SWITCH_INTERVAL)
+    try:
+        configured(*args)
+    finally:
+        sys.setswitchinterval(old)
 
 
 def _configure(kernel, jitted, args, blocks, threads, stream, shared_bytes):
@@ -672,17 +957,28 @@ def matmul(a, b, out=None):
 
     On "sim" the GEMM is NumPy's: cuBLAS is not our code, so the simulator has nothing of ours to run
     (under ``set_precision("tf32")`` its float32 inputs are first cut to TF32, as the tensor cores read them).
-    Each call counts as one launch in :func:`gpucnn.profile`.
+    While a graph is captured on "sim" it raises CuPy's NotImplementedError, as ``cupy.matmul`` does on "cuda"
+    (unless CUBLAS_CAPTURABLE), and is recorded into ``out``. Each call counts as one launch in :func:`gpucnn.profile`.
     """
     count_gemm(a)
+    if _sim_ops is not None and not CUBLAS_CAPTURABLE:
+        raise NotImplementedError(CUBLAS_IN_CAPTURE)
     if _skip_work:
         return _skipped_matmul(a, b, out)
     if is_cupy(a):
         if _applied != _precision:
             _apply_precision()
-    elif _precision == "tf32" and a.dtype == np.float32 and on_gpu(a):
+        return _cupy.matmul(a, b, out=out)
+    tf32 = _precision == "tf32" and a.dtype == np.float32 and on_gpu(a)
+    if _sim_ops is not None:
+        if out is None:
+            _refuse_allocation_in_capture(a.shape[:-1] + b.shape[-1:], a.dtype, "by matmul without out=")
+        a_, b_, out_ = _plain(a), _plain(b), _plain(out)
+        enqueue(lambda: np.matmul(*((to_tf32(a_), to_tf32(b_)) if tf32 else (a_, b_)), out=out_))
+        return out
+    if tf32:
         a, b = to_tf32(a), to_tf32(b)
-    return xp(a).matmul(a, b, out=out)
+    return np.matmul(a, b, out=out)
 
 
 def _skipped_matmul(a, b, out):

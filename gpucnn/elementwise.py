@@ -182,7 +182,8 @@ class ElementwiseKernel:
         fn = self._host.get(key)
         if fn is None:
             fn = self._host[key] = self._build(types, scalar_mask)
-        fn(ctypes.c_longlong(n), *call)
+        # run now, or recorded while a graph is captured on "sim" (the closure keeps the arrays alive)
+        backend.enqueue(lambda: (fn(ctypes.c_longlong(n), *call), args))
         HOST_RUNS.add(self.name)
         return outs[0] if len(outs) == 1 else tuple(outs)
 

@@ -71,8 +71,9 @@ class Loss:
         return v
 
     def _done(self, value):
-        """Check a host value for NaN/Inf now (free); a GPU value is checked when it is read back."""
-        if not backend.is_cupy(value):
+        """Check a host value for NaN/Inf now (free); a GPU value is checked when it is read back, and so is
+        "sim"'s while a graph is captured (a host read is refused then)."""
+        if not backend.is_cupy(value) and not backend.capturing():
             check_finite(value, self.name, self.step)
         self.step += 1
         return value

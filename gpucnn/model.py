@@ -27,9 +27,11 @@ the flat buffers. Everything the step allocates comes from a workspace arena kep
 is captured once per batch shape as a CUDA graph (after one eager warm-up) and replayed: the batch is
 copied into the graph's input buffers, and what changes per step (learning rate, Adam's step count,
 dropout keys) is written by the host into small device arrays the kernels read, before each replay.
-The CPU runs the same plan with the NumPy twins: bias and activation in place on the GEMM's output,
-pooling in the GEMM's layout (only the pooled result is transposed), no input gradient for the first
-layer, float32 throughout.
+"sim" captures the same way and refuses what a capture on a GPU refuses (host reads, syncs, allocations
+outside the workspace, and for now cuBLAS, which CuPy does not let a graph capture: so today every capture
+falls back to eager steps, with one warning per model). The CPU runs the same plan with the NumPy twins:
+bias and activation in place on the GEMM's output, pooling in the GEMM's layout (only the pooled result is
+transposed), no input gradient for the first layer, float32 throughout.
 
 Inputs are raw images (uint8 or float, N x C x H x W) as the dataset holds them: the model converts a
 batch to its dtype and standardises it per channel, ``(x - input_mean) / input_std``, with the statistics
@@ -72,6 +74,10 @@ HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 _GPU_READ_EVERY = 20        # steps between loss read-backs on a real GPU (each read waits for the GPU)
 
 
+_OOM_TRAIN = ("Train with a smaller batch, or lower Conv2D.RECOMPUTE_ABOVE (bytes; layers whose im2col matrix is "
+              "larger make it again in backward instead of keeping it for the whole step); bench/memory.py shows a "
+              "step's peak memory by batch size.")
+
 _ACTIVATIONS = (ReLU, LeakyReLU, Tanh, Sigmoid)
 _POOLS = (MaxPool2D, AvgPool2D)
 
@@ -105,13 +111,13 @@ def _fusable_activation(layer) -> bool:
 
 
 class _StepCache:
-    """What train_step keeps per batch shape: the workspace arena, and on "cuda" the captured graph with its
-    input buffers, its outputs and a fingerprint of the arrays it was captured with."""
+    """What train_step keeps per batch shape: the workspace arena, and on "cuda" and "sim" the captured graph with
+    its input buffers, its outputs and a fingerprint of the arrays it was captured with."""
 
     def __init__(self):
         self.arena = backend.Arena()
         self.runs = 0
-        self.graph = None           # a cupy.cuda.graph.Graph, or False once capturing failed
+        self.graph = None           # what backend.capture_graph made, or False once capturing failed
         self.x = self.y = self.value = self.output = self.fingerprint = None
 
 
@@ -121,7 +127,7 @@ class Sequential:
 
     ``fuse`` (default True): run a Conv2D or Dense and the activation after it (and after a Conv2D the
     pooling after that) as one stage with fused kernels; results equal the unfused model's within float
-    rounding. ``graph`` (default True; used on "cuda" only): capture each batch shape's training step as a
+    rounding. ``graph`` (default True; used on "cuda" and "sim"): capture each batch shape's training step as a
     CUDA graph and replay it (see the module docstring)."""
 
     def __init__(self, layers, input_shape=None, fuse: bool = True, graph: bool = True):
@@ -148,6 +154,7 @@ class Sequential:
         self._steps = {}            # batch signature -> _StepCache, for the loss and optimizer below
         self._steps_owner = None    # (loss type and config, optimizer, clip_norm) the cached steps run
         self._last_output = None    # the logits of the last train_step (a workspace array)
+        self._graph_warned = False  # a failed capture warns once per model
         if input_shape is not None:
             self.build(input_shape)
 
@@ -308,9 +315,20 @@ class Sequential:
 
         The step runs in a workspace arena kept for its batch shape (no allocation from its second run).
         On "cuda", with ``graph`` (default: the model's ``graph``, True), the second run of a batch shape
-        captures the step as a CUDA graph and later runs replay it. The logits stay readable as
-        ``model.last_output`` until the next step.
+        captures the step as a CUDA graph and later runs replay it; "sim" captures it the same way, under the
+        same rules (backend.capture_graph). A capture that fails warns once per model, and that batch shape
+        runs eagerly. The logits stay readable as ``model.last_output`` until the next step. Running out of
+        device memory is a :class:`gpucnn.backend.DeviceMemoryError` that says what to do.
         """
+        with backend.device_memory_errors(lambda: self._step_name("train_step", x), _OOM_TRAIN):
+            return self._train_step(x, y, loss, optimizer, clip_norm, graph)
+
+    def _step_name(self, what, x):
+        """How an error names a step: the call, the batch's shape and dtype, and the model."""
+        return (f"Sequential.{what} on a batch of shape {tuple(x.shape)} ({x.dtype}; a model of {len(self.layers)} "
+                f"layers, {self.num_params():,} parameters)")
+
+    def _train_step(self, x, y, loss, optimizer, clip_norm, graph):
         if getattr(optimizer, "model", self) is not self:
             raise ValueError("Sequential.train_step: the optimizer was made for another model; "
                              "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
@@ -326,7 +344,7 @@ class Sequential:
         st = self._steps.get(key)
         if st is None:
             st = self._steps[key] = _StepCache()
-        use_graph = (self.graph if graph is None else bool(graph)) and backend.is_cupy(x)
+        use_graph = (self.graph if graph is None else bool(graph)) and backend.on_gpu(x)
         if use_graph and st.graph is not False:
             fingerprint = self._fingerprint(flat, optimizer)
             if st.graph is not None and st.fingerprint != fingerprint:
@@ -370,45 +388,38 @@ class Sequential:
                 for o in objs]
 
     def _capture(self, st, x, y, loss, optimizer, clip_norm, fingerprint):
-        """Record the step as a CUDA graph (nothing runs while recording); the host counters advanced by the
-        recorded Python are put back, and _replay then runs the graph for this batch."""
-        import cupy
+        """Capture the step as a graph (nothing runs while capturing; see backend.capture_graph); the host
+        counters advanced by the captured Python are put back, and _replay then runs the graph for this batch.
+        A failed capture warns once per model (what it costs); this batch shape then runs eagerly."""
         with backend.no_workspace():
             st.x, st.y = x.copy(), y.copy()        # the graph's input buffers, for good
         counters = self._host_counters(loss, optimizer)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        cupy.cuda.get_current_stream().synchronize()     # once per batch shape: nothing pending crosses over
-        graph, error = None, None
-        with stream:
-            backend._capturing = True
-            stream.begin_capture()
-            try:
-                with backend.workspace(st.arena):
-                    st.value = self._step(st.x, st.y, loss, optimizer, clip_norm)
-                st.output = self._last_output
-            except Exception as e:          # noqa: BLE001 - reported below, the step then runs eagerly
-                error = e
-            finally:
-                try:
-                    graph = stream.end_capture()
-                except Exception as e:      # noqa: BLE001
-                    error = error or e
-                backend._capturing = False
+
+        def step(x, y):
+            with backend.workspace(st.arena):
+                value = self._step(x, y, loss, optimizer, clip_norm)
+            return value, self._last_output
+
+        graph, outputs, error = backend.capture_graph(step, st.x, st.y)
         for obj, ints in counters:
             for k, v in ints.items():
                 setattr(obj, k, v)
-        if error is not None or graph is None:
-            warnings.warn(f"Sequential.train_step: capturing the step as a CUDA graph failed "
-                          f"({type(error).__name__}: {error}); this batch shape runs without a graph",
-                          stacklevel=3)
+        if error is not None:
             st.graph = False
+            if not self._graph_warned:
+                self._graph_warned = True
+                warnings.warn(f"Sequential.train_step: capturing the step as a CUDA graph failed "
+                              f"({type(error).__name__}: {error}); this model's steps run eagerly, without a graph: "
+                              f"one host launch per kernel, 29 per LeNet-5 step at tens of microseconds each. Other "
+                              f"batch shapes that fail to capture fall back silently. See the GPU-speed issue, point 1",
+                              stacklevel=4)
             return
         st.graph, st.fingerprint = graph, fingerprint
+        st.value, st.output = outputs
 
     def _replay(self, st, x, y, loss, optimizer):
         """Run the captured step on this batch: copy it into the graph's inputs, do the host's half of the
         step (each layer's replay_step, the loss's count, the optimizer's scalars), launch the graph."""
-        import cupy
         st.x[...] = x
         st.y[...] = y
         for layer in self.layers:
@@ -416,7 +427,7 @@ class Sequential:
         if isinstance(getattr(loss, "step", None), int):
             loss.step += 1
         optimizer.begin_step()
-        st.graph.launch(stream=cupy.cuda.get_current_stream())
+        st.graph.launch()
         self._last_output = st.output
         return st.value
 
@@ -534,7 +545,9 @@ class Sequential:
             xb = x[i:i + batch_size]
             if not backend.is_cupy(xb):
                 xb = backend.asarray(xb)
-            outs.append(self.forward(self.prepare(xb), training=False))
+            with backend.device_memory_errors(lambda: self._step_name("predict", xb),
+                                              f"Pass a smaller batch_size (now {batch_size})."):
+                outs.append(self.forward(self.prepare(xb), training=False))
         if not outs:
             raise ValueError("Sequential.predict: got no images")
         out = outs[0] if len(outs) == 1 else backend.xp(outs[0]).concatenate(outs)
@@ -594,8 +607,8 @@ class Sequential:
         standardize: compute per-channel input statistics from the training images (default) or feed
             the images converted to the model's dtype as they are.
         augment: passed to ``data.batches`` (see gpucnn.data).
-        graph: on "cuda", replay each batch shape's step from a CUDA graph (default: the model's ``graph``,
-            True); False runs every step eagerly. Each step is :meth:`train_step`.
+        graph: on "cuda" (and "sim"), replay each batch shape's step from a CUDA graph (default: the model's
+            ``graph``, True); False runs every step eagerly. Each step is :meth:`train_step`.
         A NaN/Inf loss raises FloatingPointError; Ctrl-C re-raises KeyboardInterrupt; both keep the
         last checkpoint written and say where it is.
         """

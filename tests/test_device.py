@@ -231,3 +231,27 @@ def test_sim_runs_gpu_code_on_numpy_arrays(rng):
     y = L.MaxPool2D(2).forward(x)
     assert isinstance(y, np.ndarray)
     assert_close(y, ref, "float32", "MaxPool2D on sim")
+
+
+@pytest.mark.sim
+def test_sim_running_out_of_device_memory_names_the_step_and_what_to_do(rng, monkeypatch):
+    """CuPy's OutOfMemoryError inside train_step or predict becomes a DeviceMemoryError (a MemoryError) saying
+    which step (batch shape, model), how many bytes were asked for, and what to do. "sim" emulates the limit."""
+    from gpucnn import models, optim
+    model = models.lenet5(seed=0)
+    opt = optim.SGD(model, lr=0.01)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 4)
+    monkeypatch.setattr(backend, "SIM_DEVICE_MEMORY", 200_000)     # conv1's im2col matrix is 313,600 bytes
+    with pytest.raises(backend.DeviceMemoryError) as e:
+        model.train_step(x, y, losses.SoftmaxCrossEntropy(), opt, graph=False)
+    assert isinstance(e.value, MemoryError) and isinstance(e.value.__cause__, backend.OutOfMemoryError)
+    assert str(e.value).startswith(
+        "Sequential.train_step on a batch of shape (4, 1, 28, 28) (float32; a model of 12 layers, 61,706 parameters): "
+        "the GPU ran out of memory allocating 313,600 bytes (OutOfMemoryError: Out of memory allocating 313,600 "
+        "bytes). Train with a smaller batch, or lower Conv2D.RECOMPUTE_ABOVE")
+    with pytest.raises(backend.DeviceMemoryError, match=r"^Sequential.predict on a batch of shape \(4, 1, 28, 28\) "
+                       r".* allocating 313,600 bytes .* Pass a smaller batch_size \(now 256\)\.$"):
+        model.predict(x)
+    monkeypatch.setattr(backend, "SIM_DEVICE_MEMORY", None)
+    model.train_step(x, y, losses.SoftmaxCrossEntropy(), opt, graph=False)
