@@ -715,7 +715,7 @@ def reduction_threads(n: int, cap: int = 256) -> int:
     16 threads at most (the sum is then taken in another order: equal within rounding).
     """
     t = 32                      # a warp at least: a smaller block wastes the rest of its warp
-    if device() == "sim" and not _cuda_shapes:
+    if sim_sized():
         cap, t = min(cap, 16), 1
     while t < min(n, cap):
         t *= 2
@@ -871,6 +871,18 @@ _skip_work = False      # shapes only: every launch, GEMM and host-built element
 _cuda_shapes = False    # "sim" sizes its launches as "cuda" would (only while the work is skipped)
 
 
+def sim_sized() -> bool:
+    """Whether launches are sized for the simulator (few threads: each is a Python thread): on "sim", unless
+    gpucnn.profile.shapes_only(cuda_shapes=True) asks for the grids "cuda" would launch (what the
+    launch-resource checks record)."""
+    return device() == "sim" and not _cuda_shapes
+
+
+def skipping_work() -> bool:
+    """True inside gpucnn.profile.shapes_only(): buffers are allocated, nothing is computed (values are garbage)."""
+    return _skip_work
+
+
 def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, shared_bytes: int = 0,
            grid_stride: bool = False):
     """Launch ``kernel`` over ``n`` threads (a 1-D grid of ``threads``-wide blocks) on the current stream.
@@ -889,7 +901,7 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
     """
     if n <= 0:
         return
-    sim_grid = blocks is None and grid_stride and device() == "sim" and not _cuda_shapes
+    sim_grid = blocks is None and grid_stride and sim_sized()
     if blocks is None:
         blocks = (n + threads - 1) // threads           # what "cuda" launches
     if _launch_logs:

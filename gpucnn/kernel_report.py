@@ -255,22 +255,15 @@ def record(scenarios=None) -> list:
     """Run the scenarios on "sim" with nothing computed and launches sized as "cuda" sizes them; returns one
     dict per distinct launch (kernel, blocks, threads, shared_bytes, signature, largest, count, scenario:
     the first scenario that made it). Needs this process on "sim" (GPUCNN_DEVICE=sim)."""
-    from . import backend, losses
+    from . import backend
     from .profile import record_launches, shapes_only
     if backend.device() != "sim":
         raise backend.DeviceError("kernel_report.record: runs on 'sim' (GPUCNN_DEVICE=sim), "
                                   f"this process uses {backend.device()!r}")
     seen = {}
     for label, run in (scenarios or SCENARIOS).items():
-        # Nothing is computed, so a loss "value" is whatever memory its buffer held, and the NaN check that
-        # losses make on "sim" reads that. It is switched off here (losses.Loss._done should skip it while
-        # shapes_only skips the work; then this goes).
-        check, losses.check_finite = losses.check_finite, lambda value, *_, **__: 0.0
-        try:
-            with shapes_only(cuda_shapes=True), record_launches() as log:
-                run()
-        finally:
-            losses.check_finite = check
+        with shapes_only(cuda_shapes=True), record_launches() as log:
+            run()
         for r in log:
             key = (r.kernel, r.blocks, r.threads, r.shared_bytes, r.signature)
             if key in seen:

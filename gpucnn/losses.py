@@ -72,8 +72,8 @@ class Loss:
 
     def _done(self, value):
         """Check a host value for NaN/Inf now (free); a GPU value is checked when it is read back, and so is
-        "sim"'s while a graph is captured (a host read is refused then)."""
-        if not backend.is_cupy(value) and not backend.capturing():
+        "sim"'s while a graph is captured (a host read is refused then) or the work is skipped (no value)."""
+        if not backend.is_cupy(value) and not backend.capturing() and not backend.skipping_work():
             check_finite(value, self.name, self.step)
         self.step += 1
         return value

@@ -303,6 +303,7 @@ class Sequential:
             layer.to(device)
         self._norm = None
         self._steps = {}
+        self._flat = None       # the layers' gradient views are gone: pack again (even where the arrays stayed)
         return self
 
     # ------------------------------------------------------------------------------------------ one step

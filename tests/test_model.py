@@ -450,3 +450,16 @@ def test_sim_fit_matches_cpu(dtype, rng, monkeypatch):
     assert h_gpu["accuracy"] == h_cpu["accuracy"]
     assert h_gpu["loss"] == pytest.approx(h_cpu["loss"], rel=1e-4 if dtype == "float32" else 1e-10)
     assert_close(gpu.predict_proba(x), ref, dtype, "predict_proba")
+
+
+def test_a_step_after_to_repacks_the_flat_buffers(rng):
+    """Sequential.to() drops the layers' gradient views; the next step (with clipping) packs the flat buffers
+    again, even where the arrays stayed the same objects (it raised KeyError: 'weight')."""
+    model = dense_net(rng)
+    opt = optim.SGD(model, lr=0.1)
+    x, y = rng.standard_normal((5, 3, 2, 2)).astype(np.float32), rng.integers(0, 3, 5)
+    model.train_step(x, y, SoftmaxCrossEntropy(), opt)
+    before = {k: v.copy() for k, v in model.layers[1].params.items()}
+    model.to("cpu")
+    model.train_step(x, y, SoftmaxCrossEntropy(), opt, clip_norm=1.0)
+    assert all(not np.array_equal(model.layers[1].params[k], v) for k, v in before.items())

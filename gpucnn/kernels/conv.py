@@ -209,23 +209,17 @@ def _tile(N: int, cols: int):
     return TN, min(cols, max(TILE, TILE * TILE // TN))
 
 
-def _sim_sized() -> bool:
-    """Whether launches are sized for the simulator: on "sim", unless gpucnn.profile.shapes_only(cuda_shapes=True)
-    asks for the grids "cuda" would launch (what the launch-resource checks record)."""
-    return backend.device() == "sim" and not backend._cuda_shapes
-
-
 def _block_threads(elements: int) -> int:
     """Threads of a tiled block: a multiple of the warp covering ``elements``, at most 256. On "sim" at most
     8: each is a Python thread, and each syncthreads waits for all of them (32 made these kernels 3x slower)."""
-    if _sim_sized():
+    if backend.sim_sized():
         return min(8, elements)
     return min(256, (elements + 31) // 32 * 32)
 
 
 def _blocks(tiles: int) -> int:
     """A block per tile; one block walking them all on "sim"."""
-    return min(tiles, 1) if _sim_sized() else tiles
+    return min(tiles, 1) if backend.sim_sized() else tiles
 
 
 def _im2col_tiles(N, OW, KW, SW, itemsize):
