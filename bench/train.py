@@ -404,6 +404,11 @@ def step_row(args, torch, s, name, batch, precision, first_precision=True):
         with gpucnn.profile() as p:      # an eager steady-state step: a graph replay launches from no Python
             eager()
         row["counts"] = _counts(p)
+        with gpucnn.profile(timing=True) as pt:     # and one more, with CUDA events around every launch
+            eager()
+        row["gpu_ms"] = pt.milliseconds
+        row["gpu_ms_by_family"] = pt.family_milliseconds()
+        print(f"  where one eager step's GPU time goes (CUDA events around each launch):\n{pt}")
         row["gpucnn_peak_mib"] = cupy_peak_bytes(step) / MiB
         if tstep is not None:
             torch.cuda.synchronize()

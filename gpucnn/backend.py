@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -747,6 +748,29 @@ class _CudaPlaceholder:
 cuda = _CudaPlaceholder()
 
 _counters = []          # active gpucnn.profile() counters (see gpucnn.profile)
+_timers = []            # active gpucnn.profile(timing=True) profiles
+
+
+def timed(family, name, fn, args=(), kwargs=None):
+    """``fn(*args, **kwargs)``, timed for gpucnn.profile(timing=True) when one is active: CUDA events recorded
+    on the current stream around it on "cuda" (read once the profile ends), the host clock on "sim" (the
+    simulator's time: a kernel's share of the step, not a GPU's). Nothing is timed while a graph is captured."""
+    if not _timers or _capturing:
+        return fn(*args, **(kwargs or {}))
+    start = _mark()
+    out = fn(*args, **(kwargs or {}))
+    end = _mark()
+    for t in _timers:
+        t.add_time(family, name, start, end)
+    return out
+
+
+def _mark():
+    if _device == "cuda":
+        e = _cupy.cuda.Event()
+        e.record()
+        return e
+    return time.perf_counter()
 
 
 class GPUKernel:
@@ -924,13 +948,13 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
         if conf is None:
             conf = kernel._configured[key] = _configure(kernel, jitted, args, blocks, threads, _numba_stream(ptr),
                                                         shared_bytes)
-        conf(*args)
+        timed(kernel.family, kernel.name, conf, args)
     else:
         for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
             if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
                 raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
         args = tuple(_plain(a) for a in args)
-        enqueue(lambda: _simulate(jitted[blocks, threads, 0, shared_bytes], args))
+        timed(kernel.family, kernel.name, enqueue, (lambda: _simulate(jitted[blocks, threads, 0, shared_bytes], args),))
 
 
 def _simulate(configured, args):
@@ -972,7 +996,7 @@ def matmul(a, b, out=None):
     While a graph is captured on "sim" it raises CuPy's NotImplementedError, as ``cupy.matmul`` does on "cuda"
     (unless CUBLAS_CAPTURABLE), and is recorded into ``out``. Each call counts as one launch in :func:`gpucnn.profile`.
     """
-    count_gemm(a)
+    fam = count_gemm(a)
     if _sim_ops is not None and not CUBLAS_CAPTURABLE:
         raise NotImplementedError(CUBLAS_IN_CAPTURE)
     if _skip_work:
@@ -980,7 +1004,7 @@ def matmul(a, b, out=None):
     if is_cupy(a):
         if _applied != _precision:
             _apply_precision()
-        return _cupy.matmul(a, b, out=out)
+        return timed(fam, "gemm", _cupy.matmul, (a, b), {"out": out})
     tf32 = _precision == "tf32" and a.dtype == np.float32 and on_gpu(a)
     if _sim_ops is not None:
         if out is None:
@@ -990,7 +1014,7 @@ def matmul(a, b, out=None):
         return out
     if tf32:
         a, b = to_tf32(a), to_tf32(b)
-    return np.matmul(a, b, out=out)
+    return timed(fam, "gemm", np.matmul, (a, b), {"out": out}) if on_gpu(a) else np.matmul(a, b, out=out)
 
 
 def _skipped_matmul(a, b, out):
@@ -1007,11 +1031,13 @@ def _skipped_matmul(a, b, out):
 
 def count_gemm(a):
     """Count one cuBLAS call (a GEMM on ``a``'s GPU path) in gpucnn.profile, under the op family of the module
-    that called the GEMM function calling this."""
-    if _counters and on_gpu(a):
+    that called the GEMM function calling this; returns that family (None when nothing profiles)."""
+    if (_counters or _timers) and on_gpu(a):
         fam = sys._getframe(2).f_globals.get("__name__", "?").rsplit(".", 1)[-1]
         for c in _counters:
             c.count_launch(fam, "cublas")
+        return fam
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

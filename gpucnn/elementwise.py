@@ -113,13 +113,13 @@ class ElementwiseKernel:
                 self._cupy_kernel = cupy.ElementwiseKernel(self.in_params, self.out_params, self.operation,
                                                            self.name, preamble=self.preamble)
             args, kwargs = self.cupy_call(args, size, made)
-            return self._cupy_kernel(*args, **kwargs)
+            return backend.timed(self.family, self.name, self._cupy_kernel, args, kwargs)
         _, kwargs = self.cupy_call(args, size, made)
         CUPY_CALLS.add((self.name, tuple(_spec(a) for a in args), tuple(sorted(kwargs.items()))))
         if backend._skip_work:      # gpucnn.profile.shapes_only: outputs allocated, nothing computed
             outs = [a for p, a in zip(self.params, args) if p.is_out]
             return outs[0] if len(outs) == 1 else tuple(outs)
-        return self._host_call(args, types, shape)
+        return backend.timed(self.family, self.name, self._host_call, (args, types, shape))
 
     def cupy_call(self, args, size, made):
         """The positional arguments and keywords ``cupy.ElementwiseKernel.__call__`` gets on "cuda": ``size``

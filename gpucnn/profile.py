@@ -6,6 +6,10 @@
     p.launches               # total kernel launches (each cuBLAS call counts as one)
     p.bytes_allocated        # 0 from a step's second run on: its workspace supplies every buffer
 
+    with gpucnn.profile(timing=True) as p:   # and the time of every launch: GPU time on "cuda"
+        model.train_step(x, y, loss, optimizer)
+    p.milliseconds, p.family_milliseconds(), p.times   # the table adds a column and a per-kernel list
+
 Counts are the same on "cuda" and "sim": every ``backend.launch`` (Numba), every ElementwiseKernel call
 (CuPy) and every ``backend.matmul`` (cuBLAS) on the GPU path. Bytes are the device memory gpucnn itself
 allocates through ``backend.empty``/``backend.zeros`` and for ElementwiseKernel outputs; on "sim" the
@@ -26,8 +30,38 @@ class Profile:
 
     KINDS = ("numba", "cupy", "cublas")
 
-    def __init__(self):
+    def __init__(self, timing: bool = False):
         self.counts = defaultdict(lambda: dict.fromkeys(self.KINDS + ("bytes", "allocs"), 0))
+        self.timing = timing
+        self._marks = []            # (family, kernel, start, end): CUDA events or host clock readings
+        self.times = {}             # (family, kernel) -> [milliseconds per launch], once the block ends
+
+    def add_time(self, family: str, kernel: str, start, end):
+        self._marks.append((family, kernel, start, end))
+
+    def _resolve(self):
+        """Turn the recorded marks into milliseconds (on "cuda": waits for the last event once)."""
+        if self._marks and not isinstance(self._marks[-1][3], float):
+            self._marks[-1][3].synchronize()
+        for family, kernel, start, end in self._marks:
+            if isinstance(start, float):
+                ms = (end - start) * 1e3
+            else:
+                import cupy
+                ms = cupy.cuda.get_elapsed_time(start, end)
+            self.times.setdefault((family, kernel), []).append(ms)
+        self._marks = []
+
+    @property
+    def milliseconds(self) -> float:
+        """Time inside the timed launches (profile(timing=True)): GPU time on "cuda", host time on "sim"."""
+        return sum(sum(v) for v in self.times.values())
+
+    def family_milliseconds(self) -> dict:
+        out = defaultdict(float)
+        for (family, _), v in self.times.items():
+            out[family] += sum(v)
+        return dict(out)
 
     def count_launch(self, family: str, kind: str):
         self.counts[family][kind] += 1
@@ -48,12 +82,21 @@ class Profile:
         return {f: dict(c) for f, c in sorted(self.counts.items())}
 
     def __str__(self):
-        rows = ["| family | Numba | CuPy | cuBLAS | launches | allocations | bytes |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+        timed = self.timing
+        fam_ms = self.family_milliseconds()
+        rows = ["| family | Numba | CuPy | cuBLAS | launches | allocations | bytes |" + (" ms |" if timed else ""),
+                "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
         for f, c in sorted(self.counts.items()):
             n = sum(c[k] for k in self.KINDS)
-            rows.append(f"| {f} | {c['numba']} | {c['cupy']} | {c['cublas']} | {n} | {c['allocs']} | {c['bytes']:,} |")
-        rows.append(f"| **total** | | | | **{self.launches}** | | **{self.bytes_allocated:,}** |")
+            rows.append(f"| {f} | {c['numba']} | {c['cupy']} | {c['cublas']} | {n} | {c['allocs']} | {c['bytes']:,} |"
+                        + (f" {fam_ms.get(f, 0.0):.3f} |" if timed else ""))
+        rows.append(f"| **total** | | | | **{self.launches}** | | **{self.bytes_allocated:,}** |"
+                    + (f" **{self.milliseconds:.3f}** |" if timed else ""))
+        if timed and self.times:
+            rows += ["", "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
+            total = max(self.milliseconds, 1e-12)
+            for (f, k), v in sorted(self.times.items(), key=lambda kv: -sum(kv[1])):
+                rows.append(f"| {f}.{k} | {len(v)} | {sum(v):.3f} | {sum(v) / total:.0%} |")
         return "\n".join(rows)
 
 
@@ -82,10 +125,16 @@ def _cupy_alloc_hook(prof):
 
 
 @contextlib.contextmanager
-def profile(print_table: bool = False):
-    """Count kernel launches and allocations per op family inside the block (on "cuda" and "sim")."""
-    p = Profile()
+def profile(print_table: bool = False, timing: bool = False):
+    """Count kernel launches and allocations per op family inside the block (on "cuda" and "sim").
+
+    ``timing``: also time every launch (CUDA events around each on "cuda": the GPU time per op family and per
+    kernel, without ncu; the host clock on "sim", the simulator's own time), read when the block ends. Events
+    around every launch cost a little: time a step apart from the steps whose wall clock you measure."""
+    p = Profile(timing)
     backend._counters.append(p)
+    if timing:
+        backend._timers.append(p)
     hook = None
     if backend.device() == "cuda":
         hook = _cupy_alloc_hook(p)
@@ -96,6 +145,9 @@ def profile(print_table: bool = False):
         if hook is not None:
             hook.__exit__(None, None, None)
         backend._counters.remove(p)
+        if timing:
+            backend._timers.remove(p)
+            p._resolve()
         if print_table:
             print(p)
 
