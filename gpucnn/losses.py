@@ -21,7 +21,7 @@ from . import backend
 from .kernels import loss as K
 from .layers.base import check_input
 
-__all__ = ["SoftmaxCrossEntropy", "MSE", "check_finite", "LOSSES"]
+__all__ = ["SoftmaxCrossEntropy", "MSE", "BinaryCrossEntropy", "check_finite", "LOSSES"]
 
 
 def check_finite(loss_value, where: str, step: int | None = None) -> float:
@@ -119,18 +119,7 @@ class MSE(Loss):
         self._pred = self._target = None
 
     def forward(self, pred, target):
-        check_input(self.name, pred, None, "of predictions")
-        if not hasattr(target, "shape") or not hasattr(target, "dtype"):
-            raise TypeError(f"{self.name}: expected the target as an array, got {type(target).__name__}")
-        if tuple(target.shape) != tuple(pred.shape):
-            raise ValueError(f"{self.name}: the prediction has shape {tuple(pred.shape)} but the target has "
-                             f"shape {tuple(target.shape)}; they must be equal (no broadcasting)")
-        if target.dtype != pred.dtype:
-            raise TypeError(f"{self.name}: the prediction is {pred.dtype} but the target is {target.dtype}; "
-                            "gpucnn does not cast silently (convert the target, e.g. y.astype('float32'))")
-        if pred.size == 0:
-            raise ValueError(f"{self.name}: the prediction is empty (shape {tuple(pred.shape)})")
-        _check_same_device(self.name, pred, target, "target")
+        _check_pair(self.name, pred, target)
         self._pred, self._target = pred, target
         return self._done(K.mse_forward(pred, target))
 
@@ -138,4 +127,57 @@ class MSE(Loss):
         return K.mse_backward(self._need("_pred"), self._target)
 
 
-LOSSES = {"SoftmaxCrossEntropy": SoftmaxCrossEntropy, "MSE": MSE}   # name -> class, to rebuild a saved model
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy between a prediction and a target in [0, 1] of the same shape, averaged over every
+    element: an autoencoder's reconstruction loss (targets: pixel intensities), or independent yes/no tasks.
+
+    ``from_logits=True`` (default) takes raw scores z and is stable for any finite z (PyTorch's
+    binary_cross_entropy_with_logits); ``from_logits=False`` takes probabilities in [0, 1], logs clamped at
+    -100 as PyTorch's binary_cross_entropy does. The gradient comes out of the forward pass (one elementwise
+    launch on the GPU). A target outside [0, 1], or with from_logits=False a probability outside it, is a
+    ValueError on every device (on the GPU one reduction and a sync; not checked while a graph is captured)."""
+
+    def __init__(self, from_logits: bool = True):
+        super().__init__()
+        self.from_logits = bool(from_logits)
+        self._grad = None
+
+    def config(self) -> dict:
+        return {"from_logits": self.from_logits}
+
+    def __repr__(self):
+        return f"{self.name}(from_logits={self.from_logits})"
+
+    def forward(self, pred, target):
+        _check_pair(self.name, pred, target)
+        if K.outside_unit_interval(target):
+            raise ValueError(f"{self.name}: targets must be in [0, 1], got values outside it (min "
+                             f"{float(target.min()):g}, max {float(target.max()):g})")
+        if not self.from_logits and K.outside_unit_interval(pred):
+            raise ValueError(f"{self.name}(from_logits=False): predictions must be probabilities in [0, 1], got "
+                             f"min {float(pred.min()):g}, max {float(pred.max()):g}; pass raw scores with "
+                             "from_logits=True (stable for any value)")
+        value, self._grad = K.binary_cross_entropy(pred, target, self.from_logits)
+        return self._done(value)
+
+    def backward(self):
+        return self._need("_grad")
+
+
+def _check_pair(name, pred, target):
+    """A prediction and a target of one shape and dtype, on one device (no broadcasting, no casting)."""
+    check_input(name, pred, None, "of predictions")
+    if not hasattr(target, "shape") or not hasattr(target, "dtype"):
+        raise TypeError(f"{name}: expected the target as an array, got {type(target).__name__}")
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"{name}: the prediction has shape {tuple(pred.shape)} but the target has "
+                         f"shape {tuple(target.shape)}; they must be equal (no broadcasting)")
+    if target.dtype != pred.dtype:
+        raise TypeError(f"{name}: the prediction is {pred.dtype} but the target is {target.dtype}; "
+                        "gpucnn does not cast silently (convert the target, e.g. y.astype('float32'))")
+    if pred.size == 0:
+        raise ValueError(f"{name}: the prediction is empty (shape {tuple(pred.shape)})")
+    _check_same_device(name, pred, target, "target")
+
+
+LOSSES = {"SoftmaxCrossEntropy": SoftmaxCrossEntropy, "MSE": MSE, "BinaryCrossEntropy": BinaryCrossEntropy}   # name -> class, to rebuild a saved model

@@ -252,6 +252,20 @@ def check_mse(paths, rng, shape, dtype):
     return cmp.result()
 
 
+def check_bce(paths, rng, shape, dtype, from_logits):
+    pred = (rng.standard_normal(shape) * 3 if from_logits else rng.uniform(0.02, 0.98, shape)).astype(dtype)
+    target = rng.random(shape).astype(dtype)
+    with paths.cpu():
+        loss = losses.BinaryCrossEntropy(from_logits)
+        ref = [_host(loss.forward(pred, target)), _host(loss.backward())]
+    loss = losses.BinaryCrossEntropy(from_logits)
+    got = [loss.forward(paths.put(pred), paths.put(target)), loss.backward()]
+    cmp = Comparison(paths)
+    for name, g, r in zip(("loss", "dL/dpred"), got, ref):
+        cmp.add(name, g, r, dtype)
+    return cmp.result()
+
+
 def check_optimizer(paths, rng, make_layers, make_opt, dtype, steps=3):
     """``steps`` updates with changing gradients: parameters and optimizer state agree with the CPU's."""
     with paths.cpu():
@@ -366,6 +380,10 @@ def op_checks(sz):
                      functools.partial(check_softmax_cross_entropy, shape=sz["loss"], dtype=dt)))
         rows.append((f"loss: MSE {_shape(sz['loss'])} {_SHORT[dt]}",
                      functools.partial(check_mse, shape=sz["loss"], dtype=dt)))
+        for logits in (True, False):
+            rows.append((f"loss: BinaryCrossEntropy({'logits' if logits else 'probabilities'}) "
+                         f"{_shape(sz['act'])} {_SHORT[dt]}",
+                         functools.partial(check_bce, shape=sz["act"], dtype=dt, from_logits=logits)))
         sgd = functools.partial(optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
         adam = functools.partial(optim.Adam, lr=1e-3, weight_decay=1e-4)
         for what, make_opt in (("SGD momentum, weight decay", sgd), ("Adam", adam)):

@@ -4,7 +4,7 @@ import pytest
 
 from gpucnn import backend
 from gpucnn.kernels import loss as K
-from gpucnn.losses import MSE, SoftmaxCrossEntropy, check_finite
+from gpucnn.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy, check_finite
 from gpucnn.testing import check_backward
 from conftest import assert_close
 
@@ -310,3 +310,88 @@ def test_sim_losses_forward_backward(rng):
     assert_close(g, g_ref, "float32", "loss gradient")
     with pytest.raises(FloatingPointError, match=r"SoftmaxCrossEntropy: loss is nan at step 1"):
         loss.forward(np.full((4, 3), np.nan, np.float32), y)
+
+
+# ---------------------------------------------------------------------------- binary cross-entropy
+
+def _bce_inputs(rng, shape, dtype, from_logits):
+    pred = rng.standard_normal(shape) * 3 if from_logits else rng.uniform(0.02, 0.98, shape)
+    return pred.astype(dtype), rng.random(shape).astype(dtype)        # soft targets in [0, 1], as pixels
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(5,), (4, 7), (2, 1, 6, 6)])
+def test_bce_against_torch(shape, dtype, from_logits, rng):
+    torch = pytest.importorskip("torch")
+    p, t = _bce_inputs(rng, shape, dtype, from_logits)
+    loss = BinaryCrossEntropy(from_logits=from_logits)
+    value, g = loss.forward(p, t), loss.backward()
+    tp = torch.tensor(p, requires_grad=True)
+    F = torch.nn.functional
+    tl = (F.binary_cross_entropy_with_logits if from_logits else F.binary_cross_entropy)(tp, torch.tensor(t))
+    tl.backward()
+    assert value.dtype == np.dtype(dtype) and g.dtype == np.dtype(dtype)
+    assert_close(value, tl.detach().numpy(), dtype, "bce value")
+    assert_close(g, tp.grad.numpy(), dtype, "bce gradient")
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_bce_check_backward(from_logits, rng):
+    p, t = _bce_inputs(rng, (3, 5), "float64", from_logits)
+    check_backward(BinaryCrossEntropy(from_logits=from_logits), p, target=t)
+
+
+def test_bce_extreme_logits_and_probabilities_against_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    z = np.array([-1e4, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4], np.float32)
+    t = np.array([1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0], np.float32)
+    loss = BinaryCrossEntropy()
+    value, g = loss.forward(z, t), loss.backward()
+    tz = torch.tensor(z, requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(tz, torch.tensor(t))
+    ref.backward()
+    assert np.isfinite(value) and np.all(np.isfinite(g))
+    assert_close(value, ref.detach().numpy(), "float32", "bce at +-1e4")
+    assert_close(g, tz.grad.numpy(), "float32", "bce gradient at +-1e4")
+    p = np.array([0.0, 1.0, 0.0, 1.0, 0.5], np.float32)             # log(0) clamped at -100, as PyTorch
+    t = np.array([1.0, 0.0, 0.0, 1.0, 0.5], np.float32)
+    probs = BinaryCrossEntropy(from_logits=False)
+    assert_close(probs.forward(p, t), F.binary_cross_entropy(torch.tensor(p), torch.tensor(t)).numpy(), "float32",
+                 "bce of probabilities 0 and 1")
+
+
+BCE_ERRORS = [
+    (dict(), np.zeros(3, np.float32), np.array([0.0, 1.5, 0.2], np.float32), ValueError,
+     r"BinaryCrossEntropy: targets must be in \[0, 1\], got values outside it \(min 0, max 1.5\)"),
+    (dict(from_logits=False), np.array([0.2, -0.1, 0.5], np.float32), np.zeros(3, np.float32), ValueError,
+     r"BinaryCrossEntropy\(from_logits=False\): predictions must be probabilities in \[0, 1\], got min -0.1"),
+    (dict(), np.zeros((2, 3), np.float32), np.zeros(6, np.float32), ValueError,
+     r"BinaryCrossEntropy: the prediction has shape \(2, 3\) but the target has shape \(6,\)"),
+    (dict(), np.zeros(3, np.float32), np.zeros(3, np.float64), TypeError,
+     r"BinaryCrossEntropy: the prediction is float32 but the target is float64"),
+    (dict(), np.zeros(3, np.int64), np.zeros(3, np.int64), TypeError, r"BinaryCrossEntropy: expected a float input"),
+]
+
+
+@pytest.mark.parametrize("kw, p, t, err, match", BCE_ERRORS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("sim", marks=pytest.mark.sim)])
+def test_bce_bad_input_same_error_on_every_device(kw, p, t, err, match, device):
+    with pytest.raises(err, match=match):
+        BinaryCrossEntropy(**kw).forward(p, t)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sim_bce_matches_cpu(from_logits, dtype, rng):
+    p, t = _bce_inputs(rng, (3, 2, 5, 5), dtype, from_logits)
+    p[0, 0, 0, :2] = [80, -80] if from_logits else [0.0, 1.0]          # the saturated branches too
+    loss = BinaryCrossEntropy(from_logits=from_logits)
+    value, g = loss.forward(p, t), loss.backward()
+    with backend.cpu_path():
+        ref = BinaryCrossEntropy(from_logits=from_logits)
+        value_ref, g_ref = ref.forward(p, t), ref.backward()
+    assert_close(value, value_ref, dtype, "bce value (sim vs cpu)")
+    assert_close(g, g_ref, dtype, "bce gradient (sim vs cpu)")

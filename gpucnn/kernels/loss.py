@@ -222,6 +222,22 @@ _sq_diff_k = ElementwiseKernel("T p, T t", "T d2", "T d = p - t; d2 = d * d", "l
 _mse_grad_k = ElementwiseKernel("T p, T t, T scale", "T g", "g = scale * (p - t)", "loss_mse_grad")
 
 
+# Binary cross-entropy, elementwise, loss and gradient in one pass (the batch mean is a _block_sum after it).
+# From logits z: max(z, 0) - z t + log1p(exp(-|z|)) never overflows; its gradient is (sigmoid(z) - t) / size.
+# From probabilities p: -(t max(log p, -100) + (1 - t) max(log(1 - p), -100)), PyTorch's clamp of the logs, and
+# gradient (p - t) / max(p (1 - p), 1e-12) / size, PyTorch's.
+_bce_logits_k = ElementwiseKernel(
+    "T z, T t, T inv_n", "T l, T g",
+    "T e = exp(-fabs(z)); l = fmax(z, T(0)) - z * t + log1p(e); "
+    "T s = z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e); g = (s - t) * inv_n",
+    "loss_bce_logits")
+_bce_probs_k = ElementwiseKernel(
+    "T p, T t, T inv_n", "T l, T g",
+    "l = -(t * fmax(log(p), T(-100)) + (T(1) - t) * fmax(log(T(1) - p), T(-100))); "
+    "g = (p - t) / fmax(p * (T(1) - p), T(1e-12)) * inv_n",
+    "loss_bce_probs")
+
+
 # ---------------------------------------------------------------------------- CPU twins
 def _softmax_xent_cpu(logits, labels):
     n = logits.shape[0]
@@ -310,6 +326,38 @@ def tally(value, logits, labels, acc):
     acc[1] += int((logits.argmax(axis=1) == labels)[~bad].sum())
     acc[2] += int(bad.sum())
     return acc
+
+
+def binary_cross_entropy(pred, target, from_logits: bool = True):
+    """(mean binary cross-entropy as a 0-d array, dL/dpred) for predictions and targets of one shape, every
+    element a binary task: ``pred`` logits (``from_logits``) or probabilities in [0, 1]. On the GPU one
+    elementwise launch makes each element's loss and gradient, one block sum the mean (no host copy)."""
+    n = pred.size
+    if on_gpu(pred):
+        x = xp(pred)
+        pred, target = x.ascontiguousarray(pred), x.ascontiguousarray(target)
+        k = _bce_logits_k if from_logits else _bce_probs_k
+        row, grad = k(pred, target, pred.dtype.type(1.0 / n))
+        return _mean_on_device(row.reshape(-1), n), grad
+    inv_n = pred.dtype.type(1.0 / n)
+    if from_logits:
+        e = np.exp(-np.abs(pred))
+        row = np.maximum(pred, 0) - pred * target + np.log1p(e)
+        grad = (np.where(pred >= 0, 1 / (1 + e), e / (1 + e)) - target) * inv_n
+    else:
+        one = pred.dtype.type(1)
+        with np.errstate(divide="ignore"):
+            row = -(target * np.maximum(np.log(pred), -100) + (one - target) * np.maximum(np.log(one - pred), -100))
+        grad = (pred - target) / np.maximum(pred * (one - pred), pred.dtype.type(1e-12)) * inv_n
+    return np.asarray(row.mean(dtype=np.float64).astype(pred.dtype)), grad.astype(pred.dtype, copy=False)
+
+
+def outside_unit_interval(a) -> bool:
+    """Whether any element of ``a`` is outside [0, 1] (or NaN): one reduction, one host read of a boolean on
+    the GPU. Not while a graph is captured (a host read is refused then): False."""
+    if on_gpu(a) and backend.capturing():
+        return False
+    return bool(((a < 0) | (a > 1) | (a != a)).any())
 
 
 def softmax(logits):
