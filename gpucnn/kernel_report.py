@@ -231,6 +231,19 @@ def _big_batch():
     _train(model, 10000, optim.SGD(model, lr=0.01))
 
 
+def _coral():
+    """LeNet-5's layers ending in a CoralHead (10 ordered classes), trained on CoralLoss at batch 256, then predict."""
+    import numpy as np
+    from . import layers as L, optim
+    from .losses import CoralLoss
+    from .model import Sequential
+    r = np.random.default_rng(0)
+    model = Sequential([L.Conv2D(1, 6, 5, padding=2, rng=r), L.Tanh(), L.AvgPool2D(2), L.Flatten(),
+                        L.Dense(6 * 14 * 14, 84, rng=r), L.Tanh(), L.CoralHead(84, 10, rng=r)], input_shape=(1, 28, 28))
+    x, _ = _train(model, 256, optim.SGD(model, lr=0.01, momentum=0.9), loss=CoralLoss(), y=r.integers(0, 10, 256))
+    model.predict(x)
+
+
 # label -> a function that runs it (on "sim", inside shapes_only(cuda_shapes=True) and record_launches()).
 # Every kernel in gpucnn.kernels must be launched by one of them (tests/test_launch_resources.py checks).
 # init="zeros": AlexNet's 62 million weights are not drawn (nothing is computed here anyway).
@@ -248,6 +261,7 @@ SCENARIOS = {
     "lenet5 plain im2col/col2im": _plain_data_movement,
     "batchnorm, avg pool, MSE, batch 256": _batchnorm_mse,
     "dense, batch 10000": _big_batch,
+    "coral head and loss, batch 256": _coral,
 }
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 
 from . import backend
-from .kernels import loss as K
+from .kernels import coral, loss as K
 from .layers.base import check_input
 
-__all__ = ["SoftmaxCrossEntropy", "MSE", "BinaryCrossEntropy", "check_finite", "LOSSES"]
+__all__ = ["SoftmaxCrossEntropy", "MSE", "BinaryCrossEntropy", "CoralLoss", "coral_predict", "check_finite", "LOSSES"]
 
 
 def check_finite(loss_value, where: str, step: int | None = None) -> float:
@@ -164,6 +164,35 @@ class BinaryCrossEntropy(Loss):
         return self._need("_grad")
 
 
+class CoralLoss(Loss):
+    """CORAL's loss for integer ranks y in [0, K) and a CoralHead's logits (N, K-1): for each task k the binary
+    cross-entropy of "y > k", summed over the tasks, averaged over the batch (coral-pytorch's coral_loss). A rank
+    outside [0, K) is the same ValueError as SoftmaxCrossEntropy's on every device."""
+
+    def __init__(self):
+        super().__init__()
+        self._grad = None
+
+    def forward(self, logits, labels):
+        check_input(self.name, logits, 2, "of logits (batch, classes - 1)")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"{self.name}: expected at least one row and one task, got logits of shape "
+                             f"{tuple(logits.shape)}")
+        K.check_label_format(labels, self.name, logits.shape[0])
+        _check_same_device(self.name, logits, labels, "labels")
+        value, self._grad = coral.coral_loss(logits, labels, self.name, check=K._check_on_device())
+        return self._done(value)
+
+    def backward(self):
+        return self._need("_grad")
+
+
+def coral_predict(logits):
+    """Ranks from CORAL logits (N, K-1): how many of the K-1 tasks say "above" (sigmoid(z) > 0.5), int64."""
+    check_input("coral_predict", logits, 2, "of logits (batch, classes - 1)")
+    return coral.coral_predict(logits)
+
+
 def _check_pair(name, pred, target):
     """A prediction and a target of one shape and dtype, on one device (no broadcasting, no casting)."""
     check_input(name, pred, None, "of predictions")
@@ -180,4 +209,5 @@ def _check_pair(name, pred, target):
     _check_same_device(name, pred, target, "target")
 
 
-LOSSES = {"SoftmaxCrossEntropy": SoftmaxCrossEntropy, "MSE": MSE, "BinaryCrossEntropy": BinaryCrossEntropy}   # name -> class, to rebuild a saved model
+LOSSES = {"SoftmaxCrossEntropy": SoftmaxCrossEntropy, "MSE": MSE, "BinaryCrossEntropy": BinaryCrossEntropy,
+          "CoralLoss": CoralLoss}   # name -> class, to rebuild a saved model

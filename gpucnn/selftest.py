@@ -266,6 +266,26 @@ def check_bce(paths, rng, shape, dtype, from_logits):
     return cmp.result()
 
 
+def check_coral(paths, rng, shape, dtype):
+    """CoralHead forward and backward with CoralLoss between them (one shared weight, a bias per task)."""
+    n, features, classes = shape
+    x = rng.standard_normal((n, features)).astype(dtype)
+    y = rng.integers(0, classes, n)
+    with paths.cpu():
+        head, loss = L.CoralHead(features, classes, dtype=dtype, rng=np.random.default_rng(1)), losses.CoralLoss()
+        z = head.forward(x)
+        ref = [_host(z), _host(loss.forward(z, y)), _host(head.backward(loss.backward())),
+               _host(head.grads["weight"]), _host(head.grads["bias"])]
+    head.to(paths.device)
+    loss = losses.CoralLoss()
+    z = head.forward(paths.put(x))
+    got = [z, loss.forward(z, paths.put(y)), head.backward(loss.backward()), head.grads["weight"], head.grads["bias"]]
+    cmp = Comparison(paths)
+    for name, g, r in zip(("logits", "loss", "dL/dx", "grad weight", "grad bias"), got, ref):
+        cmp.add(name, g, r, dtype)
+    return cmp.result()
+
+
 def check_optimizer(paths, rng, make_layers, make_opt, dtype, steps=3):
     """``steps`` updates with changing gradients: parameters and optimizer state agree with the CPU's."""
     with paths.cpu():
@@ -380,6 +400,8 @@ def op_checks(sz):
                      functools.partial(check_softmax_cross_entropy, shape=sz["loss"], dtype=dt)))
         rows.append((f"loss: MSE {_shape(sz['loss'])} {_SHORT[dt]}",
                      functools.partial(check_mse, shape=sz["loss"], dtype=dt)))
+        rows.append((f"coral: CoralHead + CoralLoss ({sz['loss'][0]},{sz['loss'][0] * 4}->10) {_SHORT[dt]}",
+                     functools.partial(check_coral, shape=(sz["loss"][0], sz["loss"][0] * 4, 10), dtype=dt)))
         for logits in (True, False):
             rows.append((f"loss: BinaryCrossEntropy({'logits' if logits else 'probabilities'}) "
                          f"{_shape(sz['act'])} {_SHORT[dt]}",

@@ -9,3 +9,4 @@ from .pool import *  # noqa: F401,F403
 from .dense import *  # noqa: F401,F403
 from .dropout import *  # noqa: F401,F403
 from .norm import *  # noqa: F401,F403
+from .coral import *  # noqa: F401,F403
