@@ -795,10 +795,41 @@ class GPUKernel:
             # cache=True: the compiled kernel is kept on disk (beside the module, or in NUMBA_CACHE_DIR), so a
             # second process's first step does not JIT-compile every kernel again (the simulator ignores it)
             self._jitted = numba_cuda.jit(self.fn, cache=not numba_cuda_sim_active())
+            _key_cache_on_sources(self._jitted)
         return self._jitted
 
     def __repr__(self):
         return f"<gpucnn kernel {self.family}.{self.name}>"
+
+
+def _key_cache_on_sources(dispatcher):
+    """Make the disk cache of a compiled kernel know every kernel source file. Numba keys a cached kernel on its own
+    bytecode and its own file's timestamp only: a kernel calling a device function of another module (block_sum in
+    reduce.py, an activation, a pooling window) would load the old machine code after that module was edited."""
+    cache = getattr(dispatcher, "_cache", None)
+    index_key = getattr(cache, "_index_key", None)
+    if index_key is None:
+        return
+    digest = _kernel_sources_digest()
+    cache._index_key = lambda sig, codegen: (index_key(sig, codegen), digest)
+
+
+_digest = None
+
+
+def _kernel_sources_digest() -> str:
+    """sha256 of gpucnn/kernels/*.py and this file (read once per process)."""
+    global _digest
+    if _digest is None:
+        import glob
+        import hashlib
+        here = os.path.dirname(os.path.abspath(__file__))
+        h = hashlib.sha256()
+        for path in sorted(glob.glob(os.path.join(here, "kernels", "*.py"))) + [os.path.abspath(__file__)]:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        _digest = h.hexdigest()[:16]
+    return _digest
 
 
 def gpu_kernel(fn) -> GPUKernel:
