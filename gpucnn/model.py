@@ -60,7 +60,6 @@ from .checkpoint import CheckpointError
 from .data import ArrayDataset
 from .kernels import loss as loss_kernels
 from .kernels.loss import check_labels, softmax
-from .layers.activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .layers.base import LAYER_TYPES, Layer
 from .layers.conv import Conv2D
 from .layers.dense import Dense
@@ -78,7 +77,6 @@ _OOM_TRAIN = ("Train with a smaller batch, or lower Conv2D.RECOMPUTE_ABOVE (byte
               "larger make it again in backward instead of keeping it for the whole step); bench/memory.py shows a "
               "step's peak memory by batch size.")
 
-_ACTIVATIONS = (ReLU, LeakyReLU, Tanh, Sigmoid)
 _POOLS = (MaxPool2D, AvgPool2D)
 
 
@@ -106,8 +104,10 @@ class _Stage:
 
 
 def _fusable_activation(layer) -> bool:
-    # only our own classes (a subclass may compute something else); LeakyReLU's y > 0 <=> x > 0 needs slope >= 0
-    return type(layer) in _ACTIVATIONS and getattr(layer, "slope", 0.0) >= 0
+    """The planner asks the layer (gpucnn.layers.activation: only gpucnn's own activation classes, and only where
+    the derivative can be read from the output, all the fused backward keeps)."""
+    fusable = getattr(layer, "fusable", None)
+    return bool(fusable()) if callable(fusable) else False
 
 
 class _StepCache:

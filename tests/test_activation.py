@@ -1,11 +1,18 @@
 """Activations: finite differences, the CPU path against PyTorch, the GPU path ("sim") against the CPU."""
+import math
+
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers as L
+from gpucnn import backend, layers as L, model as gpucnn_model, optim
+from gpucnn.backend import gpu_device
 from gpucnn.kernels import activation as K
+from gpucnn.kernels.activations import Activation, register
+from gpucnn.losses import SoftmaxCrossEntropy
+from gpucnn.model import Sequential
 from gpucnn.testing import check_backward
 from conftest import assert_close
+from test_fusion import Whole, run_pass
 
 LAYERS = [L.ReLU, lambda: L.LeakyReLU(0.1), L.Tanh, L.Sigmoid]
 
@@ -78,3 +85,124 @@ def test_sim_bias_activation(kind, rng):
     with backend.cpu_path():
         ref = K.bias_activation(y.copy(), b, kind, 0.1)
     assert_close(out, ref, "float32", f"bias+{kind}")
+
+
+# ------------------------------------------------------------------------------------------------ a new activation
+# Softplus, log(1 + exp(x)), written once: its C for the ElementwiseKernels, its Numba device functions for the
+# fused kernels, its NumPy functions for the CPU. Its derivative is sigmoid(x) = 1 - exp(-y), read from the output.
+
+@gpu_device
+def _softplus(v, slope, zero, one):
+    return max(v, zero) + math.log1p(math.exp(-abs(v)))      # exp(-|v|) <= 1: never overflows
+
+
+@gpu_device
+def _softplus_grad(g, y, slope, zero, one):
+    return g * -math.expm1(-y)
+
+
+def _softplus_np(x, slope, out):
+    e = np.exp(-np.abs(x))
+    np.log1p(e, out=e)
+    return np.add(np.maximum(x, 0, out=out), e, out=out)
+
+
+def _softplus_grad_np(g, y, slope, out):
+    d = np.expm1(-y)
+    np.negative(d, out=d)
+    return np.multiply(g, d, out=out)
+
+
+register(Activation("softplus", "fmax(v, T(0)) + log1p(exp(-fabs(v)))", "g * -expm1(-v)", "y",
+                    _softplus, _softplus_grad, _softplus_np, _softplus_grad_np))
+SOFTPLUS_INPUT = (2, 6, 7)
+
+
+def softplus_net(dtype="float64", seed=0):
+    """conv -> softplus -> max pool -> dense -> softplus -> dense: both of gpucnn's fused epilogues."""
+    rng = np.random.default_rng(seed)
+    return [L.Conv2D(2, 3, 3, padding=1, dtype=dtype, rng=rng), L.ActivationLayer("softplus"), L.MaxPool2D(2),
+            L.Flatten(), L.Dense(27, 4, dtype=dtype, rng=rng), L.ActivationLayer("softplus"),
+            L.Dense(4, 3, dtype=dtype, rng=rng)]
+
+
+@pytest.fixture
+def planner_asks_the_layer():
+    """gpucnn.model's planner asks the layer whether it fuses (layer.fusable()): nothing to patch any more."""
+    assert gpucnn_model._fusable_activation(L.ActivationLayer("softplus"))
+
+
+def softplus_model(fuse, dtype="float64"):
+    model = Sequential(softplus_net(dtype), input_shape=SOFTPLUS_INPUT, fuse=fuse)
+    plan = [len(st.layers) for st in model.stages]
+    assert plan == ([3, 1, 2, 1] if fuse else [1] * 7), plan
+    return model
+
+
+def softplus_batch(rng, n=2):
+    x = rng.standard_normal((n,) + SOFTPLUS_INPUT)
+    x += np.arange(x.size).reshape(x.shape) * 1e-3     # no near-ties for a window's maximum
+    return x, rng.integers(0, 3, n)
+
+
+def test_a_new_activation_is_one_record(rng):
+    x = rng.standard_normal((2, 3, 4, 5)) * 3
+    x.flat[:2] = [-1e4, 1e4]
+    layer = L.ActivationLayer("softplus")
+    assert layer.keeps == "y" and layer.fusable() and layer.config() == {"kind": "softplus", "slope": 0.0}
+    assert_close(layer.forward(x), np.logaddexp(0, x), "float64", "softplus forward")
+    check_backward(L.ActivationLayer("softplus"), rng.standard_normal((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="expected one of"):
+        L.ActivationLayer("swish")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_new_activation_trains_fused_and_unfused(fuse, planner_asks_the_layer, rng):
+    x, y = softplus_batch(rng)
+    report = check_backward(Whole(softplus_model(fuse)), x, y)
+    assert len(report) == 1 + 6
+    a, b = run_pass(softplus_model(fuse), x, y), run_pass(softplus_model(not fuse), x, y)
+    for k in b:
+        assert_close(a[k], b[k], "float64", k)
+    models = [softplus_model(f) for f in (fuse, not fuse)]
+    opts = [optim.SGD(m, lr=0.1, momentum=0.9) for m in models]
+    for _ in range(3):
+        values = [float(m.train_step(x, y, SoftmaxCrossEntropy(), o)) for m, o in zip(models, opts)]
+        assert values[0] == pytest.approx(values[1], rel=1e-12)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("fuse", [True, False])
+def test_sim_a_new_activation_trains_fused_and_unfused(fuse, planner_asks_the_layer, rng):
+    x, y = softplus_batch(rng, 1)
+    whole = Whole(softplus_model(fuse))
+    check_backward(whole, x, y)         # the GPU path against finite differences
+    for dtype in ("float64", "float32"):
+        xd = x.astype(dtype)
+        got = run_pass(softplus_model(fuse, dtype), xd, y)
+        with backend.cpu_path():
+            ref = run_pass(softplus_model(not fuse, dtype), xd, y)
+        for k in ref:
+            assert_close(got[k], ref[k], dtype, k)
+    models = [softplus_model(fuse, "float32"), softplus_model(not fuse, "float32")]
+    opts = [optim.SGD(m, lr=0.1) for m in models]
+    values = [float(models[0].train_step(x.astype(np.float32), y, SoftmaxCrossEntropy(), opts[0]))]
+    with backend.cpu_path():
+        values.append(float(models[1].train_step(x.astype(np.float32), y, SoftmaxCrossEntropy(), opts[1])))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+@pytest.mark.sim
+def test_sim_registering_recompiles_the_fused_kernels(rng):
+    """register() rewrites act/act_grad: kernels compiled before it compile again (and under another name in Numba's
+    disk cache, whose key cannot see what act calls). Here the table is written again unchanged, as register does."""
+    from gpucnn.kernels import activations as A
+    z = rng.standard_normal((3, 2, 2, 4)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    before = K.bias_activation_nchw(z.copy(), b, "softplus")
+    name = K._bias_act_nchw_kernel.fn.__qualname__
+    assert K._bias_act_nchw_kernel._jitted is not None
+    A._generate_dispatch()
+    assert K._bias_act_nchw_kernel._jitted is None and K.act is A.act
+    assert name.startswith("_bias_act_nchw_kernel__") and K._bias_act_nchw_kernel.fn.__qualname__ == name
+    assert np.array_equal(K.bias_activation_nchw(z.copy(), b, "softplus"), before)

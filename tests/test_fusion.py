@@ -118,32 +118,34 @@ def test_train_steps_fused_equal_unfused(act, pool, rng):
             assert_close(la.params[k], lb.params[k], "float64", k)
 
 
+class Whole:
+    """A model and its loss as one function for check_backward, parameters as "i.name"."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = {f"{i}.{k}": v for i, l in enumerate(model.layers) for k, v in l.params.items()}
+        self.grads = {}
+
+    def forward(self, x, target):
+        for key, v in self.params.items():
+            i, k = key.split(".", 1)
+            self.model.layers[int(i)].params[k] = v
+        self.loss = SoftmaxCrossEntropy()
+        return self.loss.forward(self.model.forward(x), target)
+
+    def backward(self):
+        gx = self.model.backward(self.loss.backward())
+        self.grads = {f"{i}.{k}": l.grads[k] for i, l in enumerate(self.model.layers) for k in l.params}
+        return gx
+
+
 @pytest.mark.parametrize("act,pool", CASES)
 def test_check_backward_through_fused_stages(act, pool, rng):
     model = twin(lambda: conv_act_pool(act, pool), True)
-
-    class Whole:
-        """The fused model and its loss as one function for check_backward, parameters as "i.name"."""
-        def __init__(self):
-            self.params = {f"{i}.{k}": v for i, l in enumerate(model.layers) for k, v in l.params.items()}
-            self.grads = {}
-
-        def forward(self, x, target):
-            for key, v in self.params.items():
-                i, k = key.split(".", 1)
-                model.layers[int(i)].params[k] = v
-            self.loss = SoftmaxCrossEntropy()
-            return self.loss.forward(model.forward(x), target)
-
-        def backward(self):
-            gx = model.backward(self.loss.backward())
-            self.grads = {f"{i}.{k}": l.grads[k] for i, l in enumerate(model.layers) for k in l.params}
-            return gx
-
     x = rng.standard_normal((2, 2, 11, 12))
     if "max" in pool:
         x += np.arange(x.size).reshape(x.shape) * 1e-3     # no near-ties for a window's maximum
-    report = check_backward(Whole(), x, rng.integers(0, 3, 2))
+    report = check_backward(Whole(model), x, rng.integers(0, 3, 2))
     assert len(report) == 1 + 8
 
 

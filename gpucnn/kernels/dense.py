@@ -14,15 +14,19 @@ threads' loops over the batch reads one row, coalesced, with no shared memory or
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu
-from .activation import _CODE, _check_kind, _dact_inplace, act_grad, activation_forward, bias_activation
+from .activation import activation_forward, bias_activation
+from .activations import act_grad, dispatching, get
 
 
+@dispatching
 @gpu_kernel
 def _bias_grad_kernel(gy, y, gz, gb, kind, slope, write_gz):
     """Thread per feature f of gy, y (N, F): gz[:, f] = gy[:, f] * act'(y[:, f]) (``kind`` as in
-    gpucnn.kernels.activation, act' from the activation's output y) and gb[f] = its sum over the batch."""
+    gpucnn.kernels.activations, act' from the activation's output y) and gb[f] = its sum over the batch."""
     f = cuda.grid(1)
     N, F = gy.shape
     if f >= F:
@@ -73,14 +77,14 @@ def dense_backward(x, w, gy, need_gx=True, need_gb=True, y=None, activation="ide
 
 def _activation_bias_backward(gy, y, kind, slope, need_gb, gb_out):
     """(gz, gb): gz = gy * act'(y) (gy itself for "identity") and gb = its sum over the batch (into gb_out)."""
-    _check_kind(kind)
+    activation = get(kind)
     if on_gpu(gy):
         gy = backend.xp(gy).ascontiguousarray(gy)
         write_gz = kind != "identity"
         gz = backend.empty(gy.shape, gy.dtype, gy) if write_gz else gy
         gb = gb_out if (need_gb and gb_out is not None) else backend.empty((gy.shape[1],), gy.dtype, gy)
-        launch(_bias_grad_kernel, gy.shape[1], gy, gy if y is None or not write_gz else y, gz, gb, _CODE[kind],
+        launch(_bias_grad_kernel, gy.shape[1], gy, gy if y is None or not write_gz else y, gz, gb, activation.code,
                gy.dtype.type(slope), write_gz)
         return gz, (gb if need_gb else None)
-    gz = gy if kind == "identity" else _dact_inplace(gy.copy(), y, kind, slope)
+    gz = gy if kind == "identity" else activation.numpy_grad(gy, y, slope, np.empty_like(gy))
     return gz, (gz.sum(axis=0, out=gb_out) if need_gb else None)
