@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from gpucnn import backend, layers as L
 from gpucnn.kernels import conv as K
+from gpucnn.kernels import mec
 from gpucnn.testing import check_backward
 from conftest import assert_close, assert_compiles_for_a_real_gpu
 
@@ -193,7 +194,7 @@ def test_cpu_row_lowering_holds_every_receptive_field_of_im2col(N, C, H, W, KH, 
     assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
     x = np.random.default_rng(seed).standard_normal((N, C, H, W))
     OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
-    blocks = K._row_blocks(K._lower_rows(x, KH, KW, SH, SW, PH, PW), KH, SH, OH)     # (OH, KH*C*KW, OW*N)
+    blocks = mec.row_blocks(mec.lower(x, KH, KW, SH, SW, PH, PW), KH, SH, OH)     # (OH, KH*C*KW, OW*N)
     col = K.im2col(x, KH, KW, (SH, SW), (PH, PW)).reshape(C, KH, KW, OH, OW * N)
     expect = col.transpose(3, 1, 0, 2, 4).reshape(OH, KH * C * KW, OW * N)
     np.testing.assert_array_equal(blocks, expect)
@@ -208,8 +209,8 @@ def test_cpu_sliced_gemms_and_row_groups_match_the_definition(N, C, Cout, H, W, 
     # (SMALL_GEMM, MIN_SLICE, PARTS sized for LeNet and AlexNet at full batch). Shrunk here so that the tiny
     # shapes take those paths: slices of 1-3 columns, ragged last slices, groups of 1-2 rows.
     assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
-    old = K.SMALL_GEMM, K.MIN_SLICE, K.PARTS
-    K.SMALL_GEMM, K.MIN_SLICE, K.PARTS = 2 * C * KH * KW * Cout, 1, 2 * C * KH * KW * Cout
+    old = mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS
+    mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS = 2 * C * KH * KW * Cout, 1, 2 * C * KH * KW * Cout
     try:
         r = np.random.default_rng(seed)
         x, w = r.standard_normal((N, C, H, W)), r.standard_normal((Cout, C, KH, KW))
@@ -217,7 +218,7 @@ def test_cpu_sliced_gemms_and_row_groups_match_the_definition(N, C, Cout, H, W, 
         gy = r.standard_normal(y.shape)
         gx, gw, _ = K.conv2d_backward(x.shape, col, w, gy, (SH, SW), (PH, PW))
     finally:
-        K.SMALL_GEMM, K.MIN_SLICE, K.PARTS = old
+        mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS = old
     assert_close(y, reference_conv(x, w, None, (SH, SW), (PH, PW)), "float64", "y")
     rgx, rgw, _ = reference_conv_backward(x, w, gy, (SH, SW), (PH, PW))
     assert_close(gx, rgx, "float64", "gx")

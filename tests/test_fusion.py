@@ -182,8 +182,8 @@ def test_first_layer_computes_no_input_gradient_in_a_step(rng, monkeypatch):
     from gpucnn.kernels import conv as KC
     model = twin(lambda: conv_act_pool("relu", "max"), True)
     calls = []
-    real = KC.conv2d_gemm_backward
-    monkeypatch.setattr(KC, "conv2d_gemm_backward", lambda *a, **k: calls.append(k["need_gx"]) or real(*a, **k))
+    real = KC.GEMM.backward
+    monkeypatch.setattr(KC.GEMM, "backward", lambda *a, **k: calls.append(k["need_gx"]) or real(*a, **k))
     model.train_step(rng.standard_normal((2, 2, 11, 12)), rng.integers(0, 3, 2), SoftmaxCrossEntropy(),
                      optim.SGD(model, lr=0.1))
     assert calls == [True, False]                   # conv 2 passes dL/dx on; conv 1, the first layer, does not

@@ -461,7 +461,7 @@ def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng):
     old, L.Conv2D.RECOMPUTE_ABOVE = L.Conv2D.RECOMPUTE_ABOVE, 0
     try:
         layer.forward(x)
-        assert layer._x is None and layer._col is not None
+        assert layer._saved.conv.x is None and layer._saved.conv.lowered is not None
     finally:
         L.Conv2D.RECOMPUTE_ABOVE = old
 

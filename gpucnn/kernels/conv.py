@@ -1,36 +1,27 @@
-"""2-D convolution (cross-correlation, as PyTorch), forward and backward, by im2col and GEMM.
+"""2-D convolution (cross-correlation, as PyTorch) by im2col and GEMM, forward and backward; what every
+convolution algorithm is.
 
-    y[n, o, oh, ow] = b[o] + sum_{c, kh, kw} w[o, c, kh, kw] * xpad[n, c, oh*SH + kh, ow*SW + kw]
+    z[o, oh, ow, n] = sum_{c, kh, kw} w[o, c, kh, kw] * xpad[n, c, oh*SH + kh, ow*SW + kw]
 
-im2col copies every receptive field into a column of ``col``; the convolution is then one matrix product
-with the weights seen as a (Cout, Cin*KH*KW) matrix. Backward is two more products with the same ``col``:
-``gw = gy @ col.T`` (the weight-sharing sum over every position and image) and ``gcol = w.T @ gy``, whose
-columns col2im adds back onto the input positions they were copied from (the input gradient).
+An algorithm is one object (ALGORITHMS, at the end: "gemm" here, "winograd" in winograd.py): ``supports``,
+``lower`` (the input as its products read it), ``forward`` (z and a Saved, what backward reads),
+``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin. z is left in the
+GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation` add the
+bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
+twins write dL/dz back in this layout while they sum the bias gradient.
 
-The layout of ``col`` is (Cin*KH*KW, OH*OW*N): rows ordered (c, kh, kw) as in the weight, columns
-(oh, ow, n) with the **batch innermost**. Every GEMM is then a plain 2-D product, and on the CPU im2col
-and col2im move runs of OW*N contiguous numbers per (c, kh, kw, oh) instead of runs of OW (2-3x faster
-on LeNet's layers). The GEMM's output z is therefore (Cout, OH, OW, N), not NCHW: the epilogue that
-adds the bias and applies the activation (and, in a Sequential, the pooling that follows) writes NCHW
-as it goes, and its backward twin writes dL/dz back in the GEMM's layout while it sums the bias
-gradient (:mod:`gpucnn.kernels.activation`), so no pass of its own moves an activation between layouts.
+im2col copies every receptive field into a column of ``col`` (C*KH*KW, OH*OW*N): rows in the weight's
+(c, kh, kw) order, columns (oh, ow, n). The convolution is then one product with the weights as a
+(Cout, C*KH*KW) matrix, and backward two more: ``gw = gz @ col.T`` (the weight-sharing sum over every position
+and image) and ``gcol = w.T @ gz``, whose columns col2im adds back where they were copied from. With the
+batch innermost every GEMM is a plain 2-D product, and im2col and col2im move runs of OW*N numbers instead of
+OW (2-3x faster on the CPU on LeNet's layers).
 
-GPU: Numba kernels for im2col and col2im (col2im gathers, for each input element, every (kh, kw, oh, ow) it
-was copied to: deterministic, no atomics, no zero fill); cuBLAS for the GEMMs, each writing into an array
-from ``backend.empty`` (a training step's workspace). ``col`` has the batch innermost and x the width, so
-both kernels transpose; ``DATA_MOVEMENT`` (read at every call) picks how:
-
-* ``"tiled"`` (the default): a block stages a tile of TILE images by up to TILE columns (a wider tile for
-  a smaller batch) in shared memory, so that global memory is read and written along its innermost axis.
-* ``"plain"``: a thread per element, kept for comparison (bench) and as the reference of the tiled ones;
-  one side of each kernel's traffic is then strided (im2col's reads of x, col2im's reads of col).
-
-Both give the same numbers to the bit (col2im adds in the CPU's order).
-
-CPU: the same products on a lighter lowering (MEC: each input row copied KW times, not each window KH*KW
-times; see "the CPU's lowering" below), one OpenBLAS GEMM per output row. im2col and col2im stay the
-reference and the GPU's data movement (bench/NOTES.md: what the CPU gained when it stopped writing im2col's
-matrix).
+GPU: Numba kernels for im2col and col2im (see "GPU kernels"), cuBLAS for the GEMMs, each into an array from
+``backend.empty`` (a training step's workspace). CPU: the same products on a lighter lowering (MEC: each input
+row copied KW times, not each window KH*KW times; :mod:`gpucnn.kernels.mec`), one OpenBLAS GEMM per output row;
+im2col and col2im stay the reference and the GPU's data movement (bench/NOTES.md: what the CPU gained when it
+stopped writing im2col's matrix).
 """
 from __future__ import annotations
 
@@ -39,9 +30,10 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu, xp
+from . import mec
 from .activation import activation_bias_backward, bias_activation_nchw
 
-DATA_MOVEMENT = "tiled"     # "tiled" or "plain": the GPU's im2col/col2im kernels (see above)
+DATA_MOVEMENT = "tiled"     # "tiled" or "plain": the GPU's im2col/col2im kernels (see "GPU kernels")
 TILE = 32                   # images per tile (a warp along n), and columns per tile for a full batch
 SHARED_LIMIT = 48 * 1024    # bytes of shared memory a block may ask for without opting in
 
@@ -66,6 +58,8 @@ def _output_size(size: int, kernel: int, stride: int, pad: int) -> int:
 # transpose between "n innermost" (col) and "w innermost" (x, gx), so the tiled ones stage a tile of
 # (images x columns) in shared memory: read global memory along w, write along n (im2col), or read along n,
 # write along w (col2im). Every col and gx element is written by exactly one block: no atomics, no zero fill.
+# "tiled" is the default; "plain" stays for comparison (bench) and as the tiled ones' reference. Both give the
+# same numbers to the bit (col2im gathers each input's entries and adds them in the CPU's order).
 
 
 @gpu_kernel
@@ -315,87 +309,105 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
     return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
 
 
-# ---------------------------------------------------------------------------------------- the CPU's lowering
-# On the CPU the convolution runs on a lighter lowering than im2col (MEC, Cho and Brand 2017): each padded
-# input row is copied KW times, once per horizontal kernel offset, into Y (Hp, C, KW, OW, N). The matrix of
-# output row oh's receptive fields, rows in (kh, c, kw) order, is then KH*C*KW consecutive rows of Y: one
-# contiguous block, found by pointer arithmetic. Consecutive output rows share KH - SH of those rows, so Y
-# holds about 1/KH of im2col's copies (2.3 MB instead of 10 MB on LeNet's first layer at batch 128) and
-# every GEMM reads from cache-sized blocks. The weights are read in the same (kh, c, kw) order.
-#
-# The GEMMs are cut to the size OpenBLAS (NumPy's BLAS) multiplies fastest. For a product of M*N*K <= 100**3 its
-# AVX-512 builds run a small-matrix kernel that reads both operands in place; above that they first pack both into
-# cache-sized panels, which a thin product cannot repay: (6, 25) @ (25, 6656) runs at 65 GFLOP/s on one core,
-# (6, 25) @ (25, 6720) at 39. The small kernel runs on one core, so a GEMM is sliced (into columns of at most
-# SMALL_GEMM // (M*K)) only where the slices stay wide, i.e. its M*K is tiny: LeNet's first layer, whose forward
-# GEMMs then run 2.6x and grad-weight 2x faster. Its second layer (M*K = 2400, slices of 416) runs as fast whole
-# on two cores, and AlexNet's (M*K of 35 000 to 880 000) are left whole, where packing pays.
+# ---------------------------------------------------------------------------------------- the algorithm
 
-SMALL_GEMM = 100 ** 3       # OpenBLAS's bound on M*N*K for its small-matrix kernel (see above)
-MIN_SLICE = 1024            # narrower slices than this: the GEMM stays whole, on as many cores as BLAS has
-PARTS = 1 << 18             # elements of grad-weight's per-row products kept at once (cache-sized)
+class Saved:
+    """What a convolution's backward reads, made by its algorithm's forward: the algorithm, the geometry, the
+    lowered input (``lowered``: im2col's matrix, MEC's rows, Winograd's V) and what else backward reads
+    (``extra``: Winograd's U, which the caller releases after backward). ``drop(x)`` releases the lowered input
+    and keeps x in its place (Conv2D.RECOMPUTE_ABOVE); ``relower()`` makes it again, before backward."""
 
+    def __init__(self, algorithm, x_shape, kernel, stride, padding, lowered, extra=()):
+        self.algorithm, self.x_shape, self.x = algorithm, tuple(x_shape), None
+        self.kernel, self.stride, self.padding = _two(kernel), _two(stride), _two(padding)
+        self.lowered, self.extra = lowered, tuple(extra)
 
-def _lower_rows(x, KH: int, KW: int, SH: int, SW: int, PH: int, PW: int):
-    """Y (Hp, C, KW, OW, N) with Y[h, c, kw, ow, n] = xpad[n, c, h, ow*SW + kw] (zeros in the padding)."""
-    N, C, H, W = x.shape
-    Hp, Wp = H + 2 * PH, W + 2 * PW
-    OW = _output_size(W, KW, SW, PW)
-    xt = np.zeros((Hp, C, Wp, N), dtype=x.dtype) if (PH or PW) else np.empty((Hp, C, Wp, N), dtype=x.dtype)
-    xt[PH:PH + H, :, PW:PW + W] = x.transpose(2, 1, 3, 0)
-    sh, sc, sw, sn = xt.strides
-    Y = np.empty((Hp, C, KW, OW, N), dtype=x.dtype)
-    np.copyto(Y, as_strided(xt, (Hp, C, KW, OW, N), (sh, sc, sw, sw * SW, sn), writeable=False))
-    return Y
+    def drop(self, x):
+        backend.release(self.lowered)
+        self.lowered, self.x = None, x
+
+    def relower(self):
+        if self.lowered is None:
+            x, self.x = self.x, None
+            self.lowered = self.algorithm.lower(x, self.kernel, self.stride, self.padding)
+        return self.lowered
 
 
-def _row_blocks(Y, KH: int, SH: int, OH: int):
-    """The (OH, KH*C*KW, OW*N) view of Y whose block oh is output row oh's receptive fields (no copy)."""
-    _, C, KW, OW, N = Y.shape
-    L, it = OW * N, Y.itemsize
-    return as_strided(Y, (OH, KH * C * KW, L), (SH * C * KW * L * it, L * it, it), writeable=False)
+class Im2colGemm:
+    """The convolution as a lowering and GEMMs, for any kernel, stride and padding (algorithm "gemm").
 
+    GPU: col = im2col(x), z = w @ col; gw = gz @ col.T, gx = col2im(w.T @ gz). CPU: the same products on MEC's
+    rows (:mod:`gpucnn.kernels.mec`). Groups (a later change): with c = g*C/G + c' and o = g*Cout/G + o', the
+    group is already outermost in col's rows (c, kh, kw), in the weight's rows and in z's, so a grouped
+    convolution is a loop over g of these GEMMs on contiguous slices of rows.
+    """
+    name, title, limits = "gemm", "im2col + GEMM", "every convolution"
 
-def _weights_khckw(w):
-    """The weights as the (Cout, KH*C*KW) matrix matching _row_blocks' row order."""
-    Cout, C, KH, KW = w.shape
-    return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(Cout, KH * C * KW)
+    def supports(self, kernel, stride) -> bool:
+        return True
 
+    def lower(self, x, kernel, stride, padding):
+        """im2col's matrix (C*KH*KW, OH*OW*N) on the GPU; MEC's lighter rows (Hp, C, KW, OW, N) on the CPU."""
+        (KH, KW), (SH, SW), (PH, PW) = _two(kernel), _two(stride), _two(padding)
+        if on_gpu(x):
+            return im2col(x, KH, KW, (SH, SW), (PH, PW))
+        return mec.lower(x, KH, KW, SH, SW, PH, PW)
 
-def _slice_width(mk: int, L: int) -> int:
-    """Columns per GEMM for a product whose other two sizes multiply to ``mk``: equal slices of L small enough
-    for OpenBLAS's small-matrix kernel, or L (the GEMM whole) where those would be narrower than MIN_SLICE."""
-    width = SMALL_GEMM // mk
-    if width < MIN_SLICE or width >= L:
-        return L
-    slices = -(-L // width)
-    return -(-L // slices)
+    def forward(self, x, w, stride, padding):
+        """``(z, saved)``: z = w @ lower(x), the convolution before bias and activation, in the GEMM layout."""
+        N = x.shape[0]
+        Cout, _, KH, KW = w.shape
+        (SH, SW), (PH, PW) = _two(stride), _two(padding)
+        OH, OW = _output_size(x.shape[2], KH, SH, PH), _output_size(x.shape[3], KW, SW, PW)
+        col = self.lower(x, (KH, KW), stride, padding)
+        if on_gpu(x):
+            z = matmul(w.reshape(Cout, -1), col, out=backend.empty((Cout, OH * OW * N), x.dtype, x))
+            z = z.reshape(Cout, OH, OW, N)
+        else:
+            z = mec.forward(col, w, SH, OH)
+        return z, Saved(self, x.shape, (KH, KW), stride, padding, col)
+
+    def grad_weight(self, saved, gz, out=None):
+        """gw (Cout, C, KH, KW) = gz @ col.T, summed over every output position and image (the weights are
+        shared), into ``out`` when given (a flat gradient buffer's view). Within a training step the lowered
+        input is then released: grad_input's gcol, as large, may take its memory."""
+        col, (KH, KW), SH = saved.lowered, saved.kernel, saved.stride[0]
+        Cout, C = gz.shape[0], saved.x_shape[1]
+        if on_gpu(gz):
+            K = col.shape[0]
+            gw = matmul(gz.reshape(Cout, -1), col.T, out=out.reshape(Cout, K) if out is not None
+                        else backend.empty((Cout, K), col.dtype, col)).reshape(Cout, C, KH, KW)
+        else:
+            gw = mec.grad_weight(col, gz, KH, SH, out)
+        backend.release(col)
+        return gw
+
+    def grad_input(self, saved, w, gz):
+        """gx (N, C, H, W) = col2im(w.T @ gz): each input's share of every output that read it."""
+        Cout, C, KH, KW = w.shape
+        (SH, SW), (PH, PW) = saved.stride, saved.padding
+        if on_gpu(gz):
+            gz2 = gz.reshape(Cout, -1)
+            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz))
+            gx = col2im(gcol, saved.x_shape, KH, KW, saved.stride, saved.padding)
+            backend.release(gcol)       # as large as col: its memory goes to the next request of the step
+            return gx
+        return mec.grad_input(w, gz, saved.x_shape, SH, SW, PH, PW)
+
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
+        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed."""
+        gw = self.grad_weight(saved, gz, gw_out) if need_gw else None
+        gx = self.grad_input(saved, w, gz) if need_gx else None
+        return gx, gw
 
 
 # ---------------------------------------------------------------------------------------- the passes
+# (the functions tests and bench/ call, on the registry's "gemm")
 
 def conv2d_gemm(x, w, stride, padding):
-    """``(z, col)``: z = w @ im2col(x), the convolution before bias and activation, left in col's column
-    order as (Cout, OH, OW, N); the epilogues of :mod:`gpucnn.kernels.activation` finish it. ``col`` is
-    what backward needs: im2col's matrix on the GPU, the lighter row lowering Y on the CPU."""
-    N = x.shape[0]
-    Cout, _, KH, KW = w.shape
-    (SH, SW), (PH, PW) = _two(stride), _two(padding)
-    OH, OW = _output_size(x.shape[2], KH, SH, PH), _output_size(x.shape[3], KW, SW, PW)
-    if on_gpu(x):
-        col = im2col(x, KH, KW, stride, padding)
-        z = matmul(w.reshape(Cout, -1), col, out=backend.empty((Cout, OH * OW * N), x.dtype, x))
-        return z.reshape(Cout, OH, OW, N), col
-    Y = _lower_rows(x, KH, KW, SH, SW, PH, PW)
-    z = np.empty((Cout, OH, OW, N), dtype=x.dtype)
-    wk, blocks, L = _weights_khckw(w), _row_blocks(Y, KH, SH, OH), OW * N
-    zt = z.reshape(Cout, OH, L).transpose(1, 0, 2)
-    # one GEMM per output row (a batched matmul over contiguous blocks of Y), each into its slice of z; a thin
-    # one (small Cout) in slices of columns that OpenBLAS multiplies without packing (see "the CPU's lowering")
-    width = _slice_width(wk.size, L)
-    for l0 in range(0, L, width):
-        matmul(wk, blocks[:, :, l0:l0 + width], out=zt[:, :, l0:l0 + width])
-    return z, Y
+    """``(z, col)``: GEMM.forward, with its lowered input (im2col's matrix on the GPU, MEC's rows on the CPU)."""
+    z, saved = GEMM.forward(x, w, stride, padding)
+    return z, saved.lowered
 
 
 def conv2d_forward(x, w, b, stride, padding, activation: str = "identity", slope: float = 0.01):
@@ -410,82 +422,8 @@ def conv2d_forward(x, w, b, stride, padding, activation: str = "identity", slope
 
 def conv2d_gemm_backward(x_shape, col, w, gz, stride, padding, need_gx: bool = True, need_gw: bool = True,
                          gw_out=None):
-    """``(gx, gw)`` from gz = dL/dz in the GEMM's layout (Cout, OH, OW, N) (see :func:`conv2d_gemm`).
-
-    gw = gz @ col.T sums over every output position and image (the weights are shared), written into
-    ``gw_out`` when given (a flat gradient buffer's view); gx = col2im(w.T @ gz). None where not needed.
-    Within a training step ``col`` is released (backend.release) once gw has read it: gx's GEMM output, as large,
-    may take its memory.
-    """
-    Cout, C, KH, KW = w.shape
-    OH = gz.shape[1]
-    (SH, SW), (PH, PW) = _two(stride), _two(padding)
-    if on_gpu(gz):
-        gz2 = gz.reshape(Cout, -1)
-        gw = gx = None
-        if need_gw:
-            K = col.shape[0]
-            gw = matmul(gz2, col.T, out=gw_out.reshape(Cout, K) if gw_out is not None
-                        else backend.empty((Cout, K), col.dtype, col)).reshape(w.shape)
-            backend.release(col)        # read no more: gcol below, as large, may take its memory
-        if need_gx:
-            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((col.shape[0], gz2.shape[1]), gz.dtype, gz))
-            gx = col2im(gcol, x_shape, KH, KW, stride, padding)
-            backend.release(gcol)       # as large as col: its memory goes to the next request of the step
-        return gx, gw
-    gw = _weight_grad_rows(col, gz, KH, SH, gw_out) if need_gw else None
-    gx = _input_grad_rows(w, gz, x_shape, SH, SW, PH, PW) if need_gx else None
-    return gx, gw
-
-
-def _weight_grad_rows(Y, gz, KH: int, SH: int, out=None):
-    """gw (Cout, C, KH, KW): per output row, its receptive fields (a block of Y) times its gradient, summed over
-    rows (the weight sharing), into ``out`` when given.
-
-    The per-row products are summed as they come, a few rows at a time (PARTS elements), not stacked whole and
-    summed after: on AlexNet's 3x3 layers the stack, OH products of (KH*C*KW, Cout), is 5x the size of Y itself
-    (46 MB at batch 16), written once and read again. A thin product (LeNet's c1) also runs in slices of columns,
-    for OpenBLAS's small-matrix kernel (see "the CPU's lowering"); those slices add up the same way."""
-    Cout, OH, OW, N = gz.shape
-    C, KW = Y.shape[1], Y.shape[2]
-    K, L = KH * C * KW, OW * N
-    blocks = _row_blocks(Y, KH, SH, OH)                                   # (OH, K, L)
-    gzt = gz.reshape(Cout, OH, L).transpose(1, 2, 0)                      # (OH, L, Cout), a view
-    rows, width = max(1, min(OH, PARTS // (K * Cout))), _slice_width(K * Cout, L)
-    parts = np.empty((rows, K, Cout), dtype=gz.dtype)
-    acc = np.zeros((K, Cout), dtype=gz.dtype)
-    for o in range(0, OH, rows):
-        for l0 in range(0, L, width):
-            p = matmul(blocks[o:o + rows, :, l0:l0 + width], gzt[o:o + rows, l0:l0 + width], out=parts[:OH - o])
-            acc += p[0] if len(p) == 1 else p.sum(axis=0)
-    if out is None:
-        out = np.empty((Cout, C, KH, KW), dtype=gz.dtype)
-    np.copyto(out.transpose(2, 1, 3, 0), acc.reshape(KH, C, KW, Cout))
-    return out
-
-
-def _input_grad_rows(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int):
-    """gx, the adjoint of _lower_rows after the GEMM: per kernel row kh, w[:, :, kh].T @ gz gives every
-    output row's share of the input rows oh*SH + kh (added into gY, Y's shape); then each of the KW copies
-    of a row is added back at its horizontal offset."""
-    Cout, C, KH, KW = w.shape
-    N, _, H, W = x_shape
-    _, OH, OW, _ = gz.shape
-    Hp, Wp, L = H + 2 * PH, W + 2 * PW, OW * N
-    gz3 = gz.reshape(Cout, OH, L).transpose(1, 0, 2)                       # (OH, Cout, L), a view
-    wk = w.transpose(2, 1, 3, 0).reshape(KH, C * KW, Cout)                 # per kh: (C*KW, Cout)
-    gY = np.zeros((Hp, C * KW, L), dtype=gz.dtype)
-    part = np.empty((OH, C * KW, L), dtype=gz.dtype)
-    width = _slice_width(C * KW * Cout, L)         # a thin product in slices (see "the CPU's lowering")
-    for kh in range(KH):
-        for l0 in range(0, L, width):
-            matmul(wk[kh], gz3[:, :, l0:l0 + width], out=part[:, :, l0:l0 + width])
-        gY[kh:kh + SH * (OH - 1) + 1:SH] += part
-    gY = gY.reshape(Hp, C, KW, OW, N)
-    gxt = np.zeros((C, Hp, Wp, N), dtype=gz.dtype)
-    for kw in range(KW):
-        gxt[:, :, kw:kw + SW * (OW - 1) + 1:SW] += gY[:, :, kw].transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
+    """``(gx, gw)`` from gz = dL/dz in the GEMM layout (Cout, OH, OW, N): GEMM.backward on conv2d_gemm's col."""
+    return GEMM.backward(Saved(GEMM, x_shape, w.shape[2:], stride, padding, col), w, gz, need_gx, need_gw, gw_out)
 
 
 def conv2d_backward(x_shape, col, w, gy, stride, padding, need_gx: bool = True, need_gb: bool = True,
@@ -506,3 +444,11 @@ def _bias_grad(gy2):
     """The sum of each row of gy2 (Cout, L): dL/db (one block per row on the GPU)."""
     Cout, L = gy2.shape
     return activation_bias_backward(gy2.reshape(1, Cout, L), None, "identity")[1]
+
+
+# ---------------------------------------------------------------------------------------- the registry
+# name -> algorithm (Conv2D's ``algorithm=``). winograd.py builds on Saved and adds "winograd" as it is imported,
+# which the import below makes sure of whichever of the two modules is imported first.
+GEMM = Im2colGemm()
+ALGORITHMS = {"gemm": GEMM}
+from . import winograd  # noqa: E402,F401

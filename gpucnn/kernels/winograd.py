@@ -29,6 +29,9 @@ Backward is the exact adjoint of that linear map, stage by stage: gM = A gY A^T 
 the crop), gU[xi] = gM[xi] @ V[xi]^T then gw = G^T gU G (the GEMM sums over tiles and images),
 gV[xi] = U[xi]^T @ gM[xi] then gx = B gV B^T added back onto the overlapping tiles.
 
+All of it is WINOGRAD (class Winograd, at the end), an algorithm of conv.py's registry with the same methods
+as im2col + GEMM: Conv2D(algorithm="winograd") calls it; winograd_gemm and winograd_gemm_backward wrap it.
+
 GPU: four Numba kernels, each a grid-stride loop: the input transform and the output transform (a thread
 per tile of one channel), the adjoint output transform (a thread per tile) and the adjoint input transform
 (a thread per input element that gathers the up to 4 tiles covering it: deterministic, no atomics, no zero
@@ -50,6 +53,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu, xp
+from .conv import ALGORITHMS, Saved
 
 # The transforms' matrices. B^T and A^T hold only 0 and +-1: the CPU applies them as adds and subtracts
 # (_combine), the GPU kernels have them written out; G (with its halves) enters only through kron(G, G).
@@ -341,57 +345,99 @@ def _output_transform_adjoint(gz, TH: int, TW: int):
     return gM.reshape(16, Cout, TH, TW, N)
 
 
+# ---------------------------------------------------------------------------------------- the algorithm
+
+class Winograd:
+    """F(2x2, 3x3) (Conv2D's algorithm "winograd"), an algorithm as conv.py's Im2colGemm: 3x3 kernels with
+    stride 1, any padding. Its lowered input is V; ``saved.extra`` holds U, the transformed filters.
+
+    Groups (a later change): a group is a slice of V's channels and a (Cout/G, C/G) block of U at every tile
+    position xi; with the group outermost, V (G, 16, C/G, T) and U (G, 16, Cout/G, C/G), each group's
+    batched GEMM reads contiguous slices, a loop over g as for im2col's rows."""
+    name, title, limits = "winograd", "F(2x2, 3x3)", "3x3 convolutions with stride 1"
+
+    def supports(self, kernel, stride) -> bool:
+        return winograd_supported(kernel, stride)
+
+    def lower(self, x, kernel, stride, padding):
+        """V = B^T d B for every 4x4 tile d of x: (16, C, TH, TW, N), what forward multiplies and grad_weight
+        reads (a layer short of memory drops it and lowers its input again)."""
+        PH, PW, _, _, TH, TW = _sizes(x.shape, padding)
+        return _input_transform(x, PH, PW, TH, TW)
+
+    def forward(self, x, w, stride, padding):
+        """``(z, saved)``: the convolution before bias and activation, in conv's GEMM layout (Cout, OH, OW, N)."""
+        N, C = x.shape[0], x.shape[1]
+        Cout = w.shape[0]
+        PH, PW, OH, OW, TH, TW = _sizes(x.shape, padding)
+        T = TH * TW * N
+        U = backend.empty((16, Cout, C), x.dtype, x)
+        matmul(_kgg(x.dtype, x), w.reshape(Cout * C, 9).T, out=U.reshape(16, Cout * C))    # G w G^T
+        V = self.lower(x, 3, stride, padding)
+        M = backend.empty((16, Cout, TH, TW, N), x.dtype, x)
+        matmul(U, V.reshape(16, C, T), out=M.reshape(16, Cout, T))                          # 16 GEMMs in one call
+        return _output_transform(M, OH, OW), Saved(self, x.shape, 3, stride, padding, V, (U,))
+
+    def grad_weight(self, saved, gz, out=None):
+        """gw alone (see backward); V is then released, as im2col's matrix is."""
+        return self.backward(saved, None, gz, need_gx=False, gw_out=out)[1]
+
+    def grad_input(self, saved, w, gz):
+        """gx alone (see backward)."""
+        return self.backward(saved, w, gz, need_gw=False)[0]
+
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
+        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, the adjoint of forward, None where not needed:
+        gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
+        transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. Within a training step V is
+        released once gw has read it: gV, as large, may take its memory."""
+        V, (U,), x_shape = saved.lowered, saved.extra, saved.x_shape
+        Cout, C = U.shape[1], U.shape[2]
+        PH, PW, OH, OW, TH, TW = _sizes(x_shape, saved.padding)
+        T = TH * TW * x_shape[0]
+        gM = _output_transform_adjoint(gz, TH, TW).reshape(16, Cout, T)
+        gx = gw = None
+        if need_gw:
+            gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
+            gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
+            gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(Cout, C, 3, 3)  # G^T gU G
+            backend.release(gU, V)      # V is read no more: gV below, as large, may take its memory
+        if need_gx:
+            gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
+            matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))
+            gx = _input_transform_adjoint(gV, x_shape, PH, PW)
+            backend.release(gV)
+        backend.release(gM)             # read by no one else: a later request of the step may have the memory
+        return gx, gw
+
+
+WINOGRAD = ALGORITHMS["winograd"] = Winograd()
+
+
 # ---------------------------------------------------------------------------------------- the passes
+# (the functions tests and bench/ call, on WINOGRAD)
 
 def winograd_lower(x, padding):
-    """V = B^T d B for every 4x4 tile d of x: (16, C, TH, TW, N), the transformed input that winograd_gemm
-    multiplies and saves for backward (a layer short of memory drops it and lowers its input again)."""
-    PH, PW, _, _, TH, TW = _sizes(x.shape, padding)
-    return _input_transform(x, PH, PW, TH, TW)
+    """WINOGRAD.lower: V (16, C, TH, TW, N), the transformed input."""
+    return WINOGRAD.lower(x, 3, 1, padding)
 
 
 def winograd_gemm(x, w, padding, *, stride=1):
-    """``(z, saved)``: the 3x3 stride-1 convolution of x (N, C, H, W) with w (Cout, C, 3, 3) before bias and
-    activation, in conv's GEMM layout (Cout, OH, OW, N) (see conv2d_gemm); ``saved`` = (V, U), the
-    transformed input and filters, is what backward needs."""
+    """``(z, (V, U))``: WINOGRAD.forward, z in conv's GEMM layout (Cout, OH, OW, N), with the transformed input
+    and filters that backward needs."""
     _check("winograd_gemm", w, stride)
-    N, C = x.shape[0], x.shape[1]
-    Cout = w.shape[0]
-    PH, PW, OH, OW, TH, TW = _sizes(x.shape, padding)
-    T = TH * TW * N
-    U = backend.empty((16, Cout, C), x.dtype, x)
-    matmul(_kgg(x.dtype, x), w.reshape(Cout * C, 9).T, out=U.reshape(16, Cout * C))    # G w G^T
-    V = winograd_lower(x, padding)
-    M = backend.empty((16, Cout, TH, TW, N), x.dtype, x)
-    matmul(U, V.reshape(16, C, T), out=M.reshape(16, Cout, T))                          # 16 GEMMs in one call
-    return _output_transform(M, OH, OW), (V, U)
+    z, saved = WINOGRAD.forward(x, w, stride, padding)
+    return z, (saved.lowered, *saved.extra)
 
 
 def winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx: bool = True, need_gw: bool = True,
                            gw_out=None, *, stride=1):
-    """``(gx, gw)`` from gz = dL/dz in the GEMM layout (Cout, OH, OW, N), the adjoint of winograd_gemm:
-    gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
-    transform's adjoint of U^T @ gM. None where not needed. Within a training step V is released
-    (backend.release) once gw has read it: gV, as large, may take its memory."""
+    """``(gx, gw)`` from gz = dL/dz in the GEMM layout (Cout, OH, OW, N): WINOGRAD.backward on winograd_gemm's
+    ``saved`` = (V, U)."""
     _check("winograd_gemm_backward", w, stride)
-    V, U = saved
-    Cout, C = w.shape[0], w.shape[1]
-    PH, PW, OH, OW, TH, TW = _sizes(x_shape, padding)
+    Cout, (_, _, OH, OW, _, _) = w.shape[0], _sizes(x_shape, padding)
     if gz.shape != (Cout, OH, OW, x_shape[0]):
         raise ValueError(f"winograd_gemm_backward: gz has shape {tuple(gz.shape)}, expected "
                          f"(Cout, OH, OW, N) = {(Cout, OH, OW, x_shape[0])}")
-    T = TH * TW * x_shape[0]
-    gM = _output_transform_adjoint(gz, TH, TW).reshape(16, Cout, T)
-    gx = gw = None
-    if need_gw:
-        gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
-        gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
-        gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(w.shape)   # G^T gU G
-        backend.release(gU, V)          # V is read no more: gV below, as large, may take its memory
-    if need_gx:
-        gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
-        matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))
-        gx = _input_transform_adjoint(gV, x_shape, PH, PW)
-        backend.release(gV)
-    backend.release(gM)                 # read by no one else: a later request of the step may have the memory
-    return gx, gw
+    V, U = saved
+    return WINOGRAD.backward(Saved(WINOGRAD, x_shape, 3, stride, padding, V, (U,)), w, gz, need_gx, need_gw, gw_out)

@@ -1,15 +1,26 @@
 """Conv2D: a 2-D convolution layer (cross-correlation, as PyTorch) on NCHW images."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import backend
 from ..kernels import activation as A
 from ..kernels import conv as K
-from ..kernels import winograd as WG
 from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
 
 __all__ = ["Conv2D"]
+
+
+class _Forward(NamedTuple):
+    """What Conv2D.forward keeps for backward."""
+    conv: K.Saved           # the convolution's: which algorithm ran, its lowered input (or x to lower again)
+    act: tuple              # (kind, slope) of the activation computed in the epilogue
+    a: object               # the activation's output where its derivative reads it, else None
+    pool: tuple | None      # the pooling computed in the epilogue, (kind, kernel, stride, padding)
+    switches: object        # max pooling's argmax, else None
+    y_shape: tuple          # the shape forward returned
 
 
 class Conv2D(Layer):
@@ -21,10 +32,11 @@ class Conv2D(Layer):
 
     ``algorithm``: "gemm" (im2col + GEMM, any shape) or "winograd" (F(2x2, 3x3): 3x3 kernels with stride 1
     only; 4 multiplications per output and channel instead of 9, see gpucnn.kernels.winograd). Both give the
-    same result within float rounding; the attribute may be changed between steps.
+    same result within float rounding; the attribute may be changed between steps. Each is an object of
+    gpucnn.kernels.conv.ALGORITHMS, which forward and backward call.
     """
 
-    ALGORITHMS = ("gemm", "winograd")
+    ALGORITHMS = tuple(K.ALGORITHMS)
     # Bytes. In a training step on the GPU path, forward's lowered input (im2col's matrix; Winograd's V) is
     # kept for backward's weight gradient only when it is at most this large; a larger one is released at
     # once and backward lowers the input again (one more launch, a pass over memory). Kept, every layer's
@@ -57,7 +69,7 @@ class Conv2D(Layer):
         self.init = init
         self.needs_input_grad = True
         self.algorithm = algorithm
-        self._check_algorithm()
+        self._algorithm()
 
         KH, KW = self.kernel_size
         fan_in = self.in_channels * KH * KW
@@ -66,18 +78,23 @@ class Conv2D(Layer):
         if self.bias:
             self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
         self.grads = {k: None for k in self.params}
-        self._col = self._x_shape = self._y_shape = self._a = self._pool = self.switches = None
-        self._x = None              # the input, kept instead of the lowered input when that is recomputed
-        self._algo = algorithm
-        self._act = ("identity", 0.0)
+        self._saved = None          # forward's _Forward, what backward reads
 
-    def _check_algorithm(self):
-        if self.algorithm not in self.ALGORITHMS:
+    @property
+    def switches(self):
+        """Max pooling's argmax when forward computed a MaxPool2D in its epilogue (a deconvnet reads them)."""
+        return self._saved.switches if self._saved is not None else None
+
+    def _algorithm(self):
+        """The algorithm object ``self.algorithm`` names, once it is known to compute this layer's shape."""
+        algo = K.ALGORITHMS.get(self.algorithm) if isinstance(self.algorithm, str) else None
+        if algo is None:
             raise ValueError(f"Conv2D: algorithm must be one of {self.ALGORITHMS}, got {self.algorithm!r}")
-        if self.algorithm == "winograd" and not WG.winograd_supported(self.kernel_size, self.stride):
+        if not algo.supports(self.kernel_size, self.stride):
             (KH, KW), (SH, SW) = self.kernel_size, self.stride
-            raise ValueError(f"Conv2D: algorithm 'winograd' (F(2x2, 3x3)) computes 3x3 convolutions with stride 1; "
+            raise ValueError(f"Conv2D: algorithm {algo.name!r} ({algo.title}) computes {algo.limits}; "
                              f"this layer has a {KH}x{KW} kernel with stride ({SH}, {SW}): use algorithm 'gemm'")
+        return algo
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -101,74 +118,47 @@ class Conv2D(Layer):
         out = self.output_shape(tuple(x.shape[1:]))
         kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
         b = self.params.get("bias")
-        self._check_algorithm()
-        self._algo = self.algorithm             # backward must differentiate what forward ran
-        if self._algo == "winograd":
-            z, self._col = WG.winograd_gemm(x, w, self.padding)
-        else:
-            z, self._col = K.conv2d_gemm(x, w, self.stride, self.padding)
-        lowered = self._col[0] if self._algo == "winograd" else self._col
-        self._x = None
-        if backend.in_workspace() and backend.on_gpu(x) and lowered.nbytes > self.RECOMPUTE_ABOVE:
-            backend.release(lowered)                # backward makes it again from x (see RECOMPUTE_ABOVE)
-            self._x = x
-            self._col = (None, self._col[1]) if self._algo == "winograd" else None
+        z, conv = self._algorithm().forward(x, w, self.stride, self.padding)
+        if backend.in_workspace() and backend.on_gpu(x) and conv.lowered.nbytes > self.RECOMPUTE_ABOVE:
+            conv.drop(x)                            # backward makes it again from x (see RECOMPUTE_ABOVE)
         if pool is None:
             y = A.bias_activation_nchw(z, b, kind, slope)
-            self._a, self.switches, self._pool = (y if kind != "identity" else None), None, None
-            self._y_shape = (x.shape[0],) + out
+            a, switches, spec, y_shape = (y if kind != "identity" else None), None, None, (x.shape[0],) + out
         else:
             spec = ("max" if pool.name == "MaxPool2D" else "avg", pool.kernel, pool.stride, pool.padding)
-            self._a, y, self.switches = A.bias_activation_pool(z, b, kind, slope, spec)
-            self._pool = spec
-            self._y_shape = tuple(y.shape)
-        if z is not self._a:            # (the CPU's epilogue computes ``a`` in z's memory)
+            a, y, switches = A.bias_activation_pool(z, b, kind, slope, spec)
+            y_shape = tuple(y.shape)
+        if z is not a:                  # (the CPU's epilogue computes ``a`` in z's memory)
             backend.release(z)
-        self._act = (kind, slope)
-        self._x_shape = tuple(x.shape)
+        self._saved = _Forward(conv, (kind, slope), a, spec, switches, y_shape)
         return y
 
     def backward(self, gy):
-        col = self._lowered()
-        if tuple(gy.shape) != self._y_shape:
+        s = self._need("_saved")
+        if tuple(gy.shape) != s.y_shape:
             raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
-                             f"expected the forward output's {self._y_shape}")
+                             f"expected the forward output's {s.y_shape}")
         if gy.dtype != self.dtype:
             raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {self.dtype} as the forward output")
-        kind, slope = self._act
+        s.conv.relower()                # forward's lowered input, made again from x if forward dropped it
+        kind, slope = s.act
         gb_out = self._grad_out("bias", gy) if self.bias else None
-        if self._pool is None:
-            gz, gb = A.activation_bias_backward(gy, self._a, kind, slope, layout="gemm", need_gb=self.bias,
+        if s.pool is None:
+            gz, gb = A.activation_bias_backward(gy, s.a, kind, slope, layout="gemm", need_gb=self.bias,
                                                 gb_out=gb_out)
         else:
-            gz, gb = A.pool_activation_bias_backward(gy, self.switches, self._a, kind, slope, self._pool,
+            gz, gb = A.pool_activation_bias_backward(gy, s.switches, s.a, kind, slope, s.pool,
                                                      need_gb=self.bias, gb_out=gb_out)
         gw_out = self._grad_out("weight", gy)
-        w = self.params["weight"]
-        if self._algo == "winograd":
-            gx, gw = WG.winograd_gemm_backward(self._x_shape, col, w, gz, self.padding,
-                                               need_gx=self.needs_input_grad, gw_out=gw_out)
-        else:
-            gx, gw = K.conv2d_gemm_backward(self._x_shape, col, w, gz, self.stride, self.padding,
-                                            need_gx=self.needs_input_grad, gw_out=gw_out)
+        gx, gw = s.conv.algorithm.backward(s.conv, self.params["weight"], gz, need_gx=self.needs_input_grad,
+                                           gw_out=gw_out)
         self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
             self.grads["bias"] = gb_out if gb_out is not None else gb
         # in a training step nothing reads these again: their memory may serve the layers below (the lowered
-        # input itself, im2col's matrix or Winograd's V, was released by the kernel function after gw's GEMM)
-        backend.release(gz, *(col[1:] if isinstance(col, tuple) else ()), self._a, self.switches)
+        # input itself, im2col's matrix or Winograd's V, was released by grad_weight after it read it)
+        backend.release(gz, *s.conv.extra, s.a, s.switches)
         return gx
-
-    def _lowered(self):
-        """What backward's weight gradient reads: forward's lowered input, or the same made again from the
-        input when forward dropped it (RECOMPUTE_ABOVE)."""
-        if self._x is None:
-            return self._need("_col")
-        x, self._x = self._x, None
-        if self._algo == "winograd":
-            return WG.winograd_lower(x, self.padding), self._col[1]
-        KH, KW = self.kernel_size
-        return K.im2col(x, KH, KW, self.stride, self.padding)
 
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
