@@ -79,7 +79,32 @@ class Loss:
         return value
 
 
-class SoftmaxCrossEntropy(Loss):
+class _LabelLoss(Loss):
+    """A loss of logits (N, columns) and integer labels (N,): the shared checks (a 2-d float array with rows and
+    columns, integer labels, one per row, on the logits' device), then the subclass's ``_loss_and_grad``, whose
+    gradient is kept for backward."""
+
+    COLUMNS, COLUMN = "classes", "class"      # what a column of the logits is, in errors
+
+    def __init__(self):
+        super().__init__()
+        self._grad = None
+
+    def forward(self, logits, labels):
+        check_input(self.name, logits, 2, f"of logits (batch, {self.COLUMNS})")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"{self.name}: expected at least one row and one {self.COLUMN}, got logits of shape "
+                             f"{tuple(logits.shape)}")
+        K.check_label_format(labels, self.name, logits.shape[0])
+        _check_same_device(self.name, logits, labels, "labels")
+        value, self._grad = self._loss_and_grad(logits, labels)
+        return self._done(value)
+
+    def backward(self):
+        return self._need("_grad")
+
+
+class SoftmaxCrossEntropy(_LabelLoss):
     """Softmax then cross-entropy with integer labels, averaged over the batch (PyTorch's cross_entropy).
 
     Fused: the gradient (softmax - onehot) / N is computed in the forward pass and kept for backward.
@@ -88,22 +113,8 @@ class SoftmaxCrossEntropy(Loss):
     evaluate skip (they check the whole data set once: see ``gpucnn.kernels.loss``).
     """
 
-    def __init__(self):
-        super().__init__()
-        self._grad = None
-
-    def forward(self, logits, labels):
-        check_input(self.name, logits, 2, "of logits (batch, classes)")
-        if logits.shape[0] == 0 or logits.shape[1] == 0:
-            raise ValueError(f"{self.name}: expected at least one row and one class, got logits of shape "
-                             f"{tuple(logits.shape)}")
-        K.check_label_format(labels, self.name, logits.shape[0])
-        _check_same_device(self.name, logits, labels, "labels")
-        value, self._grad = K.softmax_cross_entropy_forward(logits, labels, where=self.name)
-        return self._done(value)
-
-    def backward(self):
-        return self._need("_grad")
+    def _loss_and_grad(self, logits, labels):
+        return K.softmax_cross_entropy_forward(logits, labels, where=self.name)
 
     def probs(self, logits):
         """The class probabilities softmax(logits), row-wise (what predict_proba returns)."""
@@ -164,27 +175,15 @@ class BinaryCrossEntropy(Loss):
         return self._need("_grad")
 
 
-class CoralLoss(Loss):
+class CoralLoss(_LabelLoss):
     """CORAL's loss for integer ranks y in [0, K) and a CoralHead's logits (N, K-1): for each task k the binary
     cross-entropy of "y > k", summed over the tasks, averaged over the batch (coral-pytorch's coral_loss). A rank
     outside [0, K) is the same ValueError as SoftmaxCrossEntropy's on every device."""
 
-    def __init__(self):
-        super().__init__()
-        self._grad = None
+    COLUMNS, COLUMN = "classes - 1", "task"
 
-    def forward(self, logits, labels):
-        check_input(self.name, logits, 2, "of logits (batch, classes - 1)")
-        if logits.shape[0] == 0 or logits.shape[1] == 0:
-            raise ValueError(f"{self.name}: expected at least one row and one task, got logits of shape "
-                             f"{tuple(logits.shape)}")
-        K.check_label_format(labels, self.name, logits.shape[0])
-        _check_same_device(self.name, logits, labels, "labels")
-        value, self._grad = coral.coral_loss(logits, labels, self.name, check=K._check_on_device())
-        return self._done(value)
-
-    def backward(self):
-        return self._need("_grad")
+    def _loss_and_grad(self, logits, labels):
+        return coral.coral_loss(logits, labels, self.name, check=K._check_on_device())
 
 
 def coral_predict(logits):
