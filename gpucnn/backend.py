@@ -232,13 +232,13 @@ def persistent_empty(shape, dtype, like):
 def _allocating(shape, dtype, like, depth=3):
     """Every device array the backend allocates is announced here first: gpucnn.profile counts it on "sim" (on
     "cuda" its CuPy memory hook sees every allocation already), and on "sim" the emulated memory limit may refuse it."""
-    if SIM_DEVICE_MEMORY is not None and not is_cupy(like) and on_gpu(like):
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if nbytes > SIM_DEVICE_MEMORY:
-            raise OutOfMemoryError(nbytes)
-    if _counters and not is_cupy(like) and on_gpu(like):
+    if (SIM_DEVICE_MEMORY is None and not _counters) or is_cupy(like) or not on_gpu(like):
+        return
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if SIM_DEVICE_MEMORY is not None and nbytes > SIM_DEVICE_MEMORY:
+        raise OutOfMemoryError(nbytes)
+    if _counters:
         from .profile import _family_of_caller
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for c in _counters:
             c.count_alloc(_family_of_caller(depth), nbytes)
 
@@ -650,7 +650,7 @@ def _capture_graph(fn, inputs):
     graph = result = error = None
     if is_cupy(inputs[0]):
         stream = _cupy.cuda.Stream(non_blocking=True)
-        _cupy.cuda.get_current_stream().synchronize()     # once per batch shape: nothing pending crosses over
+        synchronize()                                     # once per batch shape: nothing pending crosses over
         with stream:
             _capturing = True
             stream.begin_capture()
@@ -912,7 +912,7 @@ def _signature(args):
             sig.append(("array", np.dtype(a.dtype).name, int(a.ndim)))
         elif isinstance(a, (bool, np.bool_)):
             sig.append(("scalar", "bool"))
-        elif isinstance(a, (int, np.integer)) and not isinstance(a, np.integer):
+        elif isinstance(a, int):                    # a Python int (bool is taken above): Numba types it int64
             sig.append(("scalar", "int64"))
         elif isinstance(a, float):
             sig.append(("scalar", "float64"))
@@ -1081,9 +1081,9 @@ _precision = "fp32"
 def set_precision(precision: str) -> str:
     """How float32 GEMMs (cuBLAS, through ``cupy.matmul``) multiply: "fp32" (full float32, the default) or
     "tf32" (TensorFloat-32 tensor cores on compute capability >= 8.0: inputs read to 10 mantissa bits,
-    products summed in float32; several times the fp32 throughput; a GPU below 8.0 is a ValueError). Our own Numba and elementwise kernels
-    always compute in float32, and float64 GEMMs are never affected. On "sim" the cut is emulated (to_tf32) so
-    tests can see it; on "cpu" BLAS has no TF32 and nothing changes. Returns the previous setting."""
+    products summed in float32; several times the fp32 throughput; a GPU below 8.0 is a ValueError). Our own
+    Numba and elementwise kernels always compute in float32, and float64 GEMMs are never affected. On "sim" the
+    cut is emulated (to_tf32) so tests can see it; on "cpu" BLAS has no TF32 and nothing changes. Returns the previous setting."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"set_precision: expected one of {PRECISIONS}, got {precision!r}")

@@ -145,9 +145,7 @@ class Paths:
         return backend.is_cupy(a) if self.device == "cuda" else isinstance(a, np.ndarray)
 
     def sync(self):
-        if self.device == "cuda":
-            import cupy
-            cupy.cuda.get_current_stream().synchronize()
+        backend.synchronize()       # waits for the GPU on "cuda"; nothing to wait for on "sim"
 
 
 def _host(a):
