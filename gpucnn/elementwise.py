@@ -32,7 +32,7 @@ import tempfile
 
 import numpy as np
 
-from . import backend
+from . import backend, launch
 
 KERNELS: dict[str, "ElementwiseKernel"] = {}
 HOST_RUNS: set[str] = set()
@@ -116,7 +116,7 @@ class ElementwiseKernel:
             return backend.timed(self.family, self.name, self._cupy_kernel, args, kwargs)
         _, kwargs = self.cupy_call(args, size, made)
         CUPY_CALLS.add((self.name, tuple(_spec(a) for a in args), tuple(sorted(kwargs.items()))))
-        if backend._skip_work:      # gpucnn.profile.shapes_only: outputs allocated, nothing computed
+        if launch._skip_work:      # gpucnn.profile.shapes_only: outputs allocated, nothing computed
             outs = [a for p, a in zip(self.params, args) if p.is_out]
             return outs[0] if len(outs) == 1 else tuple(outs)
         return backend.timed(self.family, self.name, self._host_call, (args, types, shape))

@@ -22,7 +22,7 @@ import contextlib
 import sys
 from collections import defaultdict
 
-from . import backend
+from . import backend, launch
 
 
 class Profile:
@@ -162,12 +162,12 @@ def shapes_only(cuda_shapes: bool = False):
     not as small as the simulator prefers (what the launch-resource checks read)."""
     if backend.device() == "cuda":
         raise backend.DeviceError("shapes_only: runs the GPU code path on 'sim' only (on 'cuda' the work is real)")
-    old = backend._skip_work, backend._cuda_shapes
-    backend._skip_work, backend._cuda_shapes = True, bool(cuda_shapes)
+    old = launch._skip_work, launch._cuda_shapes
+    launch._skip_work, launch._cuda_shapes = True, bool(cuda_shapes)
     try:
         yield
     finally:
-        backend._skip_work, backend._cuda_shapes = old
+        launch._skip_work, launch._cuda_shapes = old
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers as L, models, optim
+from gpucnn import backend, capture, layers as L, models, optim
 from gpucnn.elementwise import ElementwiseKernel
 from gpucnn.layers.base import Layer
 from gpucnn.losses import SoftmaxCrossEntropy
@@ -143,7 +143,7 @@ def test_sim_a_host_read_of_a_workspace_array_in_a_capture_raises_cupys_error(re
 
 @pytest.mark.sim
 def test_sim_outside_a_capture_a_captured_array_is_an_ordinary_array():
-    c = backend._captured(np.arange(4, dtype=np.float32))
+    c = capture._captured(np.arange(4, dtype=np.float32))
     assert float(c[1]) == 1 and bool(c[1]) and int(c[2]) == 2 and c.item(3) == 3 and c.tolist() == [0, 1, 2, 3]
     assert backend.to_numpy(c).sum() == 6 and [float(v) for v in c] == [0, 1, 2, 3]
     np.testing.assert_array_equal(c * 2 + np.ones(4, np.float32), [1, 3, 5, 7])
@@ -260,7 +260,7 @@ class _Peek(Layer):
 @pytest.mark.sim
 def test_sim_a_layer_that_reads_on_the_host_cannot_be_captured(rng, monkeypatch):
     """The capture finds a hidden host read in a step even with the GEMM rule lifted: the step falls back."""
-    monkeypatch.setattr(backend, "CUBLAS_CAPTURABLE", True)
+    monkeypatch.setattr(capture, "CUBLAS_CAPTURABLE", True)
     make = lambda: Sequential([L.Flatten(), _Peek(), L.Dense(16, 10, rng=np.random.default_rng(0))],
                               input_shape=(1, 4, 4))
     batches = _batches(rng, [(2, 1, 4, 4)], 3)
@@ -286,7 +286,7 @@ def test_sim_without_the_gemm_rule_a_step_captures_and_replays_bit_for_bit(net, 
     counters equal eager training's to the bit, with the learning rate changed between steps 3 and 4 and the
     dropout keys changing every step. So the step reads nothing on the host, syncs never, allocates nothing
     outside its workspace, and bakes no per-step value into its kernels' arguments."""
-    monkeypatch.setattr(backend, "CUBLAS_CAPTURABLE", True)
+    monkeypatch.setattr(capture, "CUBLAS_CAPTURABLE", True)
     if net == "lenet5":
         make, make_opt = (lambda: models.lenet5(seed=0)), _sgd
     else:
@@ -297,7 +297,7 @@ def test_sim_without_the_gemm_rule_a_step_captures_and_replays_bit_for_bit(net, 
         graphed = _train(make, make_opt, batches, graph=True, lr_at=3)
         eager = _train(make, make_opt, batches, graph=False, lr_at=3)
     (st,) = graphed[0]._steps.values()
-    assert isinstance(st.graph, backend._SimGraph) and len(st.graph.ops) >= 20
+    assert isinstance(st.graph, capture._SimGraph) and len(st.graph.ops) >= 20
     _assert_same_training(graphed, eager)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpucnn
-from gpucnn import backend, layers as L, losses
+from gpucnn import backend, layers as L, losses, memory
 from conftest import GPU_PROBLEM, assert_close
 
 ROOT = Path(gpucnn.__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_sim_running_out_of_device_memory_names_the_step_and_what_to_do(rng, mon
     opt = optim.SGD(model, lr=0.01)
     x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 4)
-    monkeypatch.setattr(backend, "SIM_DEVICE_MEMORY", 200_000)     # conv1's im2col matrix is 313,600 bytes
+    monkeypatch.setattr(memory, "SIM_DEVICE_MEMORY", 200_000)     # conv1's im2col matrix is 313,600 bytes
     with pytest.raises(backend.DeviceMemoryError) as e:
         model.train_step(x, y, losses.SoftmaxCrossEntropy(), opt, graph=False)
     assert isinstance(e.value, MemoryError) and isinstance(e.value.__cause__, backend.OutOfMemoryError)
@@ -253,5 +253,5 @@ def test_sim_running_out_of_device_memory_names_the_step_and_what_to_do(rng, mon
     with pytest.raises(backend.DeviceMemoryError, match=r"^Sequential.predict on a batch of shape \(4, 1, 28, 28\) "
                        r".* allocating 313,600 bytes .* Pass a smaller batch_size \(now 256\)\.$"):
         model.predict(x)
-    monkeypatch.setattr(backend, "SIM_DEVICE_MEMORY", None)
+    monkeypatch.setattr(memory, "SIM_DEVICE_MEMORY", None)
     model.train_step(x, y, losses.SoftmaxCrossEntropy(), opt, graph=False)

@@ -8,14 +8,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CODE = textwrap.dedent("""
     import types
-    from gpucnn import backend
+    from gpucnn import launch
     from gpucnn.kernels import loss
     jitted = loss._block_sum.compiled()              # the real numba.cuda (no simulator), not compiled yet
     cache = jitted._cache
     assert type(cache).__name__ == "CUDACache", type(cache)   # cache=True
     codegen = types.SimpleNamespace(magic_tuple=lambda: ("nvptx64", "sm_90", ""))
     key = cache._index_key((), codegen)
-    assert key[1] == backend._kernel_sources_digest(), key
+    assert key[1] == launch._kernel_sources_digest(), key
     print("ok", key[1])
 """)
 

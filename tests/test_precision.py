@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import gpucnn
-from gpucnn import backend, layers as L
+from gpucnn import backend, blas, layers as L
 from gpucnn.losses import SoftmaxCrossEntropy
 from conftest import assert_close
 
@@ -48,12 +48,12 @@ def test_to_tf32_matches_an_independent_truncation(rng):
 
 def test_tf32_on_a_gpu_without_tensor_float_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backend, "_device", "cuda")
-    monkeypatch.setattr(backend, "_compute_capability", lambda: (7, 5))
+    monkeypatch.setattr(blas, "_compute_capability", lambda: (7, 5))
     with pytest.raises(ValueError, match=r"set_precision\('tf32'\): this GPU \(compute capability 7.5\) has no "
                                          r"TF32 tensor cores"):
         gpucnn.set_precision("tf32")
     assert gpucnn.precision() == "fp32"
-    monkeypatch.setattr(backend, "_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(blas, "_compute_capability", lambda: (9, 0))
     assert gpucnn.set_precision("tf32") == "fp32"
 
 
@@ -120,7 +120,7 @@ def test_gpu_tf32_is_cublas_tensor_float_and_fp32_is_full_float32(m, k, n, rng):
     gpucnn.set_precision("fp32")
     y32 = backend.matmul(ga, gb).get()
     assert rel(y32, exact) < 1e-5, "fp32 must not cut its inputs"
-    cc = backend._compute_capability()
+    cc = blas._compute_capability()
     if cc < (8, 0):
         with pytest.raises(ValueError, match="no TF32 tensor cores"):
             gpucnn.set_precision("tf32")
