@@ -175,6 +175,22 @@ def time_each(runs, repeats: int, warmup: int, rounds: int = 1):
     return out
 
 
+def precisions(args) -> list:
+    """The precisions a run covers: "fp32", and on cuda also "tf32" unless --precision names one."""
+    if args.device != "cuda":
+        return ["fp32"]
+    return ["fp32", "tf32"] if args.precision == "both" else [args.precision]
+
+
+def select_precision(precision: str, args, torch, gpucnn, notes: list):
+    """Select ``precision`` for the rows that follow (on cuda: in both libraries); what gpucnn could not follow
+    is printed and added to ``notes``, for the results file."""
+    note = set_precision(precision, torch, gpucnn) if args.device == "cuda" else ""
+    if note:
+        notes.append(f"{precision}: {note}")
+        print(f"note ({precision}): {note}")
+
+
 def set_precision(precision: str, torch, gpucnn):
     """Select "fp32" (TF32 off everywhere, cuDNN's too) or "tf32" for both libraries; returns a note on
     what gpucnn could not follow (empty when it followed)."""
@@ -250,6 +266,23 @@ def fmt(v, digits=3):
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(v)
+
+
+def keep_row(rows: list, row: dict, line: str):
+    """Add a finished row to ``rows`` and print it: on stderr a failed check (the row was not timed) or a note,
+    then ``line``, the row as the script shows it while it runs."""
+    rows.append(row)
+    if "error" in row:
+        print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
+    elif "note" in row:
+        print(f"note: {row['note']}", file=sys.stderr)
+    print(line, flush=True)
+
+
+def check_status(row) -> str:
+    """A row's "check" cell: FAILED (its check before timing failed), ok (checked), unchecked (no reference)."""
+    checked = any(k.startswith("err_") for k in row)
+    return "FAILED" if "error" in row else "ok" if checked else "unchecked"
 
 
 def markdown_table(columns, rows) -> str:

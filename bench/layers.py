@@ -440,9 +440,7 @@ def main():
     torch = C.load_torch(args)
     C.match_torch_threads(torch)
     env = Env(args, torch)
-    precisions = ["fp32"]
-    if args.device == "cuda":
-        precisions = ["fp32", "tf32"] if args.precision == "both" else [args.precision]
+    precisions = C.precisions(args)
     m = C.machine(args, torch)
     C.print_machine(m)
     if args.dry:
@@ -456,26 +454,17 @@ def main():
         notes.append("no im2col/col2im rows: the CPU conv path no longer uses im2col (GPU path only)")
         print(f"note: {notes[-1]}.\n")
     for precision in precisions:
-        note = C.set_precision(precision, torch, gpucnn) if args.device == "cuda" else ""
-        if note:
-            notes.append(f"{precision}: {note}")
-            print(f"note ({precision}): {note}")
+        C.select_precision(precision, args, torch, gpucnn, notes)
         # the data movement once (the first precision): precision does not touch a copy
         movement = args.device != "cpu" and precision == precisions[0]
         for label, build in groups(env, args, movement):
             for run in variants(build()):
                 for row in run_cases(env, run, precision):
-                    rows.append(row)
-                    if "error" in row:
-                        print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
-                    elif "note" in row:
-                        print(f"note: {row['note']}", file=sys.stderr)
-                    print(f"  {row['shape']:<44} {row['pass']:<12} {variant(row) or '-':<9} {precision}"
-                          f"  gpucnn {C.fmt(row.get('gpucnn_ms'))} ms  torch {C.fmt(row.get('torch_ms'))} ms"
-                          f"  launches {C.fmt(row.get('launches'))}", flush=True)
+                    C.keep_row(rows, row, f"  {row['shape']:<44} {row['pass']:<12} {variant(row) or '-':<9} "
+                                          f"{precision}  gpucnn {C.fmt(row.get('gpucnn_ms'))} ms  torch "
+                                          f"{C.fmt(row.get('torch_ms'))} ms  launches {C.fmt(row.get('launches'))}")
     for r in rows:
-        checked = any(k.startswith("err_") for k in r)
-        r["check"] = "FAILED" if "error" in r else "ok" if checked else "unchecked"
+        r["check"] = C.check_status(r)
 
     columns = [("shape", "shape"), ("pass", "pass"), ("algo", "variant")]
     if len(precisions) > 1:

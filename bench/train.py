@@ -441,28 +441,19 @@ def free_device_memory(torch):
 
 def step_table(args, torch, m):
     s = Settings(args)
-    precisions = ["fp32"]
-    if args.device == "cuda":
-        precisions = ["fp32", "tf32"] if args.precision == "both" else [args.precision]
+    precisions = C.precisions(args)
     rows, notes = [], []
     for precision in precisions:
-        note = C.set_precision(precision, torch, gpucnn) if args.device == "cuda" else ""
-        if note:
-            notes.append(f"{precision}: {note}")
-            print(f"note ({precision}): {note}")
+        C.select_precision(precision, args, torch, gpucnn, notes)
         for name, batch in s.nets:
             t0 = time.perf_counter()
             row = step_row(args, torch, s, name, batch, precision, precision == precisions[0])
-            rows.append(row)
             free_device_memory(torch)
-            if "error" in row:
-                print(f"CHECK FAILED, not timed: {row['error']}", file=sys.stderr)
-            print(f"  {name} batch {batch} {precision}: gpucnn {C.fmt(row.get('gpucnn_ms'))} ms, "
-                  f"torch {C.fmt(row.get('torch_ms'))} ms, launches {C.fmt(row.get('counts', {}).get('launches'))} "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            C.keep_row(rows, row, f"  {name} batch {batch} {precision}: gpucnn {C.fmt(row.get('gpucnn_ms'))} ms, "
+                                  f"torch {C.fmt(row.get('torch_ms'))} ms, launches "
+                                  f"{C.fmt(row.get('counts', {}).get('launches'))} ({time.perf_counter() - t0:.1f} s)")
     for r in rows:
-        checked = any(k.startswith("err_") for k in r)
-        r["check"] = "FAILED" if "error" in r else "ok" if checked else "unchecked"
+        r["check"] = C.check_status(r)
         if "counts" in r:
             r["launches"], r["bytes_per_step"] = r["counts"]["launches"], r["counts"]["bytes"]
         if "counts_first_step" in r:

@@ -1,4 +1,5 @@
-"""What every example shares: its command line, the device, the output folder, the data, a small model.
+"""What every example shares: its command line, the device, the output folder, the data, a small model, and
+the training examples' fit-and-save (curves.png, model.npz, history.json).
 
     import _common                                   # first: it also finds gpucnn in a checkout
     args = _common.setup("edge_detectors", __doc__)  # --quick, --device, --out, and the example's own options
@@ -10,6 +11,7 @@ its pictures into DIR (default runs/examples/NAME/) and prints what can be check
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ except ModuleNotFoundError:          # run from a checkout without `pip install 
     sys.path.insert(0, str(REPO))
     import gpucnn
 
-from gpucnn import backend, data, models, optim
+from gpucnn import backend, data, models, optim, viz
 from gpucnn.model import Sequential
 
 
@@ -86,3 +88,24 @@ def small_lenet5(args, train, test, activation: str = "relu", pool: str = "max")
     print(f"trained in {time.perf_counter() - t0:.1f}s: accuracy {acc['accuracy']:.3f}, top-5 {acc['top5']:.3f} "
           f"on the first 1000 test images")
     return model
+
+
+def fit_and_save(args, model, train, test, epochs: int, batch_size: int, title: str) -> dict:
+    """What both training examples do with their model: print its summary, train it with SGD (``args.lr``,
+    momentum 0.9, weight decay 5e-4) validating on ``test``, print the test accuracy, and write curves.png
+    (titled ``title``: training images, test accuracy), model.npz and history.json into ``args.out``."""
+    model.summary()
+    print(f"training on {len(train)} images, validating on {len(test)}, {epochs} epoch{'s' if epochs > 1 else ''} "
+          f"of batch {batch_size}, SGD lr {args.lr} momentum 0.9 weight decay 5e-4")
+    history = model.fit(train, epochs=epochs, batch_size=batch_size, validation=test, verbose=2,
+                        optimizer=optim.SGD(model, lr=args.lr, momentum=0.9, weight_decay=5e-4))
+    result = model.evaluate(test)
+    print(f"test accuracy: {result['accuracy']:.4f}, top-5 accuracy: {result['top5']:.4f}, "
+          f"loss {result['loss']:.4f} ({len(test)} test images)")
+    viz.plot_history(history, args.out / "curves.png",
+                     title=f"{title}: {len(train):,} training images, test accuracy {result['accuracy']:.3f}")
+    saved(args.out / "curves.png")
+    model.save(str(args.out / "model.npz"))
+    saved(args.out / "model.npz")
+    (args.out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return history

@@ -33,7 +33,7 @@ import numpy as np
 
 import gpucnn
 from gpucnn import backend, layers as L, optim
-from gpucnn.backend import cuda, gpu_kernel, launch, on_gpu
+from gpucnn.backend import cuda, gpu_device, gpu_kernel, launch, on_gpu
 from gpucnn.layers import Layer
 from gpucnn.layers.base import check_input, init_uniform
 from gpucnn.model import Sequential
@@ -45,15 +45,20 @@ from gpucnn.testing import check_backward
 # except the slope gradient: one thread per (channel, image) sums its inner elements, and the (C, N) partial
 # sums are then added over the images. No two threads write the same place: no atomics, deterministic.
 
+@gpu_device
+def element(i, shape):
+    """The indices (n, c, j) of flat index i into an (N, C, inner) array: a device function, written once for
+    the kernels that go over every element (compiled into each, not launched)."""
+    C, inner = shape[1], shape[2]
+    return i // (inner * C), (i // inner) % C, i % inner
+
+
 @gpu_kernel
 def prelu_forward_kernel(x, a, y):
     i = cuda.grid(1)
     if i >= x.size:
         return
-    C, inner = x.shape[1], x.shape[2]
-    j = i % inner
-    c = (i // inner) % C
-    n = i // (inner * C)
+    n, c, j = element(i, x.shape)
     v = x[n, c, j]
     y[n, c, j] = v if v > 0 else a[c] * v
 
@@ -63,10 +68,7 @@ def prelu_backward_input_kernel(x, a, gy, gx):
     i = cuda.grid(1)
     if i >= x.size:
         return
-    C, inner = x.shape[1], x.shape[2]
-    j = i % inner
-    c = (i // inner) % C
-    n = i // (inner * C)
+    n, c, j = element(i, x.shape)
     g = gy[n, c, j]
     gx[n, c, j] = g if x[n, c, j] > 0 else a[c] * g
 

@@ -9,9 +9,7 @@ two epochs on 192 images. Writes curves.png and model.npz.
 """
 import _common  # noqa: I001  (first: finds gpucnn in a checkout)
 
-import json
-
-from gpucnn import backend, models, optim, viz
+from gpucnn import backend, models
 
 CPU_LIMIT = 5000
 
@@ -40,22 +38,8 @@ def main():
     backend.seed(0)
     model = models.alexnet_small(in_channels=train.shape[0], num_classes=train.num_classes,
                                  input_size=train.shape[1], seed=0)
-    model.summary()
     batch = min(args.batch_size, 64) if args.quick else args.batch_size
-    print(f"training on {len(train)} images, validating on {len(test)}, {epochs} epoch{'s' if epochs > 1 else ''} "
-          f"of batch {batch}, SGD lr {args.lr} momentum 0.9 weight decay 5e-4")
-    history = model.fit(train, epochs=epochs, batch_size=batch, validation=test, verbose=2,
-                        optimizer=optim.SGD(model, lr=args.lr, momentum=0.9, weight_decay=5e-4))
-    result = model.evaluate(test)
-    print(f"test accuracy: {result['accuracy']:.4f}, top-5 accuracy: {result['top5']:.4f}, "
-          f"loss {result['loss']:.4f} ({len(test)} test images)")
-    viz.plot_history(history, args.out / "curves.png",
-                     title=f"AlexNet-small on Fashion-MNIST: {len(train):,} training images, "
-                           f"test accuracy {result['accuracy']:.3f}")
-    _common.saved(args.out / "curves.png")
-    model.save(str(args.out / "model.npz"))
-    _common.saved(args.out / "model.npz")
-    (args.out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    _common.fit_and_save(args, model, train, test, epochs, batch, "AlexNet-small on Fashion-MNIST")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ and reaches about 90% test accuracy; --quick trains three epochs on 2,000 images
 """
 import _common  # noqa: I001  (first: finds gpucnn in a checkout)
 
-import json
-
-from gpucnn import backend, models, optim, viz
+from gpucnn import backend, models
 
 
 def options(parser):
@@ -33,22 +31,8 @@ def main():
         train, test = train.limit(limit), test.limit(max(limit // 2, 500))
     backend.seed(0)
     model = models.lenet5(activation=args.activation, pool=args.pool, num_classes=train.num_classes, seed=0)
-    model.summary()
-    print(f"training on {len(train)} images, validating on {len(test)}, {epochs} epoch{'s' if epochs > 1 else ''} "
-          f"of batch {args.batch_size}, "
-          f"SGD lr {args.lr} momentum 0.9 weight decay 5e-4")
-    history = model.fit(train, epochs=epochs, batch_size=args.batch_size, validation=test, verbose=2,
-                        optimizer=optim.SGD(model, lr=args.lr, momentum=0.9, weight_decay=5e-4))
-    result = model.evaluate(test)
-    print(f"test accuracy: {result['accuracy']:.4f}, top-5 accuracy: {result['top5']:.4f}, "
-          f"loss {result['loss']:.4f} ({len(test)} test images)")
-    viz.plot_history(history, args.out / "curves.png",
-                     title=f"LeNet-5 ({args.activation}, {args.pool} pooling) on Fashion-MNIST: "
-                           f"{len(train):,} training images, test accuracy {result['accuracy']:.3f}")
-    _common.saved(args.out / "curves.png")
-    model.save(str(args.out / "model.npz"))
-    _common.saved(args.out / "model.npz")
-    (args.out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    _common.fit_and_save(args, model, train, test, epochs, args.batch_size,
+                         f"LeNet-5 ({args.activation}, {args.pool} pooling) on Fashion-MNIST")
 
 
 if __name__ == "__main__":

@@ -81,38 +81,38 @@ def test_environment_with_unknown_device_is_a_value_error():
     assert out["error"] == "use_device: expected one of ('cpu', 'cuda', 'sim'), got 'tpu'"
 
 
-def test_cuda_after_sim_is_a_device_error():
-    out = run_python("""
-        import json, gpucnn
-        from gpucnn import backend
-        gpucnn.use_device("sim")
-        backend._cuda_problem = lambda: None        # pretend a usable GPU, so only the ordering is wrong
+def use_device_after(setup: str, name: str) -> dict:
+    """In a fresh interpreter that has imported json and gpucnn: ``setup``, then ``gpucnn.use_device(name)``.
+    Returns {"error": the DeviceError's message or None, "device": gpucnn.device() afterwards}."""
+    return run_python("import json, gpucnn\n" + textwrap.dedent(setup) + textwrap.dedent(f"""
         try:
-            gpucnn.use_device("cuda")
+            gpucnn.use_device({name!r})
             error = None
         except gpucnn.DeviceError as e:
             error = str(e)
-        print(json.dumps({"error": error, "device": gpucnn.device()}))
-    """)
+        print(json.dumps({{"error": error, "device": gpucnn.device()}}))
+    """))
+
+
+def test_cuda_after_sim_is_a_device_error():
+    out = use_device_after("""
+        from gpucnn import backend
+        gpucnn.use_device("sim")
+        backend._cuda_problem = lambda: None        # pretend a usable GPU, so only the ordering is wrong
+    """, "cuda")
     assert out["device"] == "sim", "a refused use_device must leave the device as it was"
     assert out["error"] == ("use_device('cuda'): this process already uses 'sim'; 'sim' and 'cuda' cannot "
                             "share a process (Numba picks one at import)")
 
 
 def test_sim_after_cuda_is_a_device_error():
-    out = run_python("""
-        import json, sys, types, gpucnn
+    out = use_device_after("""
+        import sys, types
         from gpucnn import backend
         sys.modules["cupy"] = types.ModuleType("cupy")   # pretend CuPy and a usable GPU
         backend._cuda_problem = lambda: None
         gpucnn.use_device("cuda")
-        try:
-            gpucnn.use_device("sim")
-            error = None
-        except gpucnn.DeviceError as e:
-            error = str(e)
-        print(json.dumps({"error": error, "device": gpucnn.device()}))
-    """)
+    """, "sim")
     assert out["device"] == "cuda"
     assert out["error"] == ("use_device('sim'): this process already uses 'cuda'; 'sim' and 'cuda' cannot "
                             "share a process (Numba picks one at import)")
@@ -120,16 +120,10 @@ def test_sim_after_cuda_is_a_device_error():
 
 def test_sim_after_real_numba_cuda_is_a_device_error():
     # a program that imported numba.cuda itself (the real target) cannot switch it to the simulator
-    out = run_python("""
-        import json, gpucnn
+    out = use_device_after("""
         import numba.cuda
-        try:
-            gpucnn.use_device("sim")
-            error = None
-        except gpucnn.DeviceError as e:
-            error = str(e)
-        print(json.dumps({"error": error}))
-    """)
+    """, "sim")
+    assert out["device"] != "sim"
     assert out["error"] is not None and out["error"].startswith(
         "numba.cuda was already imported as the real CUDA target in this process, so gpucnn cannot use 'sim'")
     assert "GPUCNN_DEVICE=sim" in out["error"]

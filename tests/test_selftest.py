@@ -1,4 +1,4 @@
-"""``gpucnn selftest`` (gpucnn/selftest.py), run as a user runs it: in a fresh process.
+"""``gpucnn selftest`` (gpucnn/selftest/), run as a user runs it: in a fresh process.
 
 Without a GPU it must say why and exit 2; on "sim" (``--device sim --quick``) every op family must appear in
 its table and pass; and a GPU-path op that computes the wrong thing must fail its row and make it exit 1.
