@@ -3,11 +3,14 @@ convolution algorithm is.
 
     z[o, oh, ow, n] = sum_{c, kh, kw} w[o, c, kh, kw] * xpad[n, c, oh*SH + kh, ow*SW + kw]
 
+(grouped, G groups: output o reads only its group's C/G channels, w being (Cout, C/G, KH, KW)).
+
 An algorithm is one object (ALGORITHMS, at the end: "gemm" here, "winograd" in winograd.py): ``supports``,
 ``lower`` (the input as its products read it), ``forward`` (z and a Saved, what backward reads),
-``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin. z is left in the
-GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation` add the
-bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
+``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin, each for any number
+of groups; ``grad_input`` alone is a transposed convolution's forward (gpucnn.layers.ConvTranspose2D). z is
+left in the GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation`
+add the bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
 twins write dL/dz back in this layout while they sum the bias gradient.
 
 im2col copies every receptive field into a column of ``col`` (C*KH*KW, OH*OW*N): rows in the weight's
@@ -96,10 +99,8 @@ def _im2col_tiled_kernel(x, col, SH, SW, PH, PW, TN, TOW):
     the tile is written along n (for a tile holding the whole batch, one contiguous run per kw)."""
     N, H, W = x.shape[0], x.shape[2], x.shape[3]
     KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
-    n_tiles = (N + TN - 1) // TN
-    ow_tiles = (OW + TOW - 1) // TOW
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
+    n_tiles, ow_tiles = (N + TN - 1) // TN, (OW + TOW - 1) // TOW
+    t, threads = cuda.threadIdx.x, cuda.blockDim.x
     S = ((TOW - 1) * SW + KW) | 1           # shared row stride per image: odd, so that the write phase's
     zero = x.dtype.type(0)                  # reads (a warp along n) hit 32 different banks
     tile = cuda.shared.array(0, dtype=x.dtype)
@@ -160,10 +161,8 @@ def _col2im_tiled_kernel(col, gx, SH, SW, PH, PW, TN, TW):
     then gx[n0:n0+TN, c, h, w0:w0+TW] is written along w."""
     N, H, W = gx.shape[0], gx.shape[2], gx.shape[3]
     KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
-    n_tiles = (N + TN - 1) // TN
-    w_tiles = (W + TW - 1) // TW
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
+    n_tiles, w_tiles = (N + TN - 1) // TN, (W + TW - 1) // TW
+    t, threads = cuda.threadIdx.x, cuda.blockDim.x
     # shared stride per column: odd, so that the write phase (a warp along w) has no bank conflicts
     S = TN | 1
     tile = cuda.shared.array(0, dtype=gx.dtype)

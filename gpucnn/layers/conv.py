@@ -95,6 +95,17 @@ class ConvLayer(Layer):
                              f"(input shape {tuple(input_shape)})")
         return C, H, W
 
+    def _saved_for(self, gy):
+        """What forward saved, once ``gy`` is known to be the gradient of what it returned (shape and dtype)."""
+        s = self._need("_saved")
+        if tuple(gy.shape) != s.y_shape:
+            raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
+                             f"expected the forward output's {s.y_shape}")
+        if gy.dtype != self.dtype:
+            raise TypeError(f"{self.name}: backward got a {gy.dtype} gradient, expected {self.dtype} as the "
+                            "forward output")
+        return s
+
     def describe(self) -> str:
         """The layer in summary()'s "layer" column: its class, and its groups where it has more than one."""
         return self.name if self.groups == 1 else f"{self.name}(groups={self.groups})"
@@ -177,12 +188,7 @@ class Conv2D(ConvLayer):
         return y
 
     def backward(self, gy):
-        s = self._need("_saved")
-        if tuple(gy.shape) != s.y_shape:
-            raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
-                             f"expected the forward output's {s.y_shape}")
-        if gy.dtype != self.dtype:
-            raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {self.dtype} as the forward output")
+        s = self._saved_for(gy)
         s.conv.relower()                # forward's lowered input, made again from x if forward dropped it
         kind, slope = s.act
         gb_out = self._grad_out("bias", gy) if self.bias else None

@@ -90,13 +90,7 @@ class ConvTranspose2D(ConvLayer):
         return y
 
     def backward(self, gy):
-        s = self._need("_saved")
-        if tuple(gy.shape) != s.y_shape:
-            raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
-                             f"expected the forward output's {s.y_shape}")
-        if gy.dtype != self.dtype:
-            raise TypeError(f"{self.name}: backward got a {gy.dtype} gradient, expected {self.dtype} as the "
-                            "forward output")
+        s = self._saved_for(gy)
         gb_out = self._grad_out("bias", gy) if self.bias else None
         gy, gb = A.activation_bias_backward(gy, None, "identity", need_gb=self.bias, gb_out=gb_out)
         algo, w, c = s.conv.algorithm, self.params["weight"], s.conv
