@@ -106,9 +106,11 @@ def _im2col_tiled_kernel(x, col, SH, SW, PH, PW, TN, TOW):
     tile = cuda.shared.array(0, dtype=x.dtype)
     # a tile per block on a GPU; on "sim" one block walks every tile (a Python thread costs more than a loop)
     for b in range(cuda.blockIdx.x, col.shape[0] * KH * OH * ow_tiles * n_tiles, cuda.gridDim.x):
-        nt, owt, oh, r = unravel4(b, n_tiles, ow_tiles, OH)
-        kh = r % KH
-        c = r // KH
+        nt = b % n_tiles
+        owt = (b // n_tiles) % ow_tiles
+        oh = (b // (n_tiles * ow_tiles)) % OH
+        kh = (b // (n_tiles * ow_tiles * OH)) % KH
+        c = b // (n_tiles * ow_tiles * OH * KH)
         n0 = nt * TN
         ow0 = owt * TOW
         tn = min(TN, N - n0)                # the last tiles along n and ow may be narrower
