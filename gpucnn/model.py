@@ -191,15 +191,24 @@ class Sequential:
 
     def summary(self, file=None) -> str:
         """Print (to ``file``, default stdout; ``file=False`` does not print) and return a table of every
-        layer's output shape and parameter count, with the total."""
-        shapes = self._trace(self.input_shape) if self.input_shape is not None else [None] * len(self.layers)
-        rows = [f"{'#':>3}  {'layer':<20}{'output shape':<22}{'params':>12}", "-" * 57]
-        if self.input_shape is not None:
-            rows.append(f"{'':>3}  {'(input)':<20}{str(self.input_shape):<22}{'':>12}")
-        for i, (layer, shape) in enumerate(zip(self.layers, shapes)):
-            rows.append(f"{i:>3}  {layer.name:<20}{str(shape if shape is not None else '?'):<22}"
-                        f"{layer.num_params():>12,}")
-        rows += ["-" * 57, f"Total parameters: {self.num_params():,} ({self.dtype.name})"]
+        layer (its ``describe()`` where it has one, e.g. a grouped Conv2D's groups), output shape, multiply-adds
+        for one image (``layer.macs(input_shape)`` of the layers that have weights) and parameter count, with
+        the totals."""
+        known = self.input_shape is not None
+        shapes = self._trace(self.input_shape) if known else [None] * len(self.layers)
+        ins = [self.input_shape] + shapes[:-1]
+        macs = [layer.macs(s) if known and hasattr(layer, "macs") else None for layer, s in zip(self.layers, ins)]
+        rows = [f"{'#':>3}  {'layer':<26}{'output shape':<20}{'MACs':>15}{'params':>13}", "-" * 79]
+        if known:
+            rows.append(f"{'':>3}  {'(input)':<26}{str(self.input_shape):<20}")
+        for i, (layer, shape, m) in enumerate(zip(self.layers, shapes, macs)):
+            name = layer.describe() if hasattr(layer, "describe") else layer.name
+            rows.append(f"{i:>3}  {name:<26}{str(shape if shape is not None else '?'):<20}"
+                        f"{'' if m is None else f'{m:,}':>15}{layer.num_params():>13,}")
+        rows.append("-" * 79)
+        if known:
+            rows.append(f"Total multiply-adds: {sum(m for m in macs if m is not None):,} per image")
+        rows.append(f"Total parameters: {self.num_params():,} ({self.dtype.name})")
         text = "\n".join(rows)
         if file is not False:
             print(text, file=file)

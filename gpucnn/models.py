@@ -52,21 +52,23 @@ def lenet5(activation: str = "tanh", pool: str = "avg", num_classes: int = 10, d
 
 
 def alexnet(num_classes: int = 1000, lrn: bool = True, dtype="float32", seed=None, init="default",
-            winograd: bool = False) -> Sequential:
-    """Krizhevsky et al. (2012) on one GPU ("single tower") for 3x224x224 images: five convolutions
-    (96@11x11/4, 256@5x5, 384, 384, 256 @3x3) with ReLU, local response normalisation after the first
-    two, 3x3/2 max pooling, then dropout and dense 9216-4096-4096-classes. 62,378,344 parameters for
-    1000 classes, 250 MB in float32. ``winograd``: the three 3x3 convolutions by Winograd F(2x2, 3x3)."""
+            winograd: bool = False, groups: int = 1) -> Sequential:
+    """Krizhevsky et al. (2012) for 3x224x224 images: five convolutions (96@11x11/4, 256@5x5, 384, 384, 256
+    @3x3) with ReLU, local response normalisation after the first two, 3x3/2 max pooling, then dropout and
+    dense 9216-4096-4096-classes. One GPU ("single tower") by default: 62,378,344 parameters for 1000 classes,
+    250 MB in float32. ``groups=2``: the paper's two towers, conv2, conv4 and conv5 each seeing only its own
+    tower's half of the channels (60,965,224 parameters). ``winograd``: the three 3x3 convolutions by Winograd
+    F(2x2, 3x3)."""
     rng, init = _rng(seed), _init(init, dtype)
     norm = (lambda: [L.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)]) if lrn else (lambda: [])
     model = Sequential([
         L.Conv2D(3, 96, 11, stride=4, padding=2, dtype=dtype, rng=rng, init=init), L.ReLU(), *norm(),    # 96 x 55 x 55
         L.MaxPool2D(3, stride=2),                                                            # 96 x 27 x 27
-        L.Conv2D(96, 256, 5, padding=2, dtype=dtype, rng=rng, init=init), L.ReLU(), *norm(),
+        L.Conv2D(96, 256, 5, padding=2, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(), *norm(),
         L.MaxPool2D(3, stride=2),                                                            # 256 x 13 x 13
-        L.Conv2D(256, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
-        L.Conv2D(384, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
-        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+        L.Conv2D(256, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),      # the towers meet
+        L.Conv2D(384, 384, 3, padding=1, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(),
+        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(),
         L.MaxPool2D(3, stride=2),                                                            # 256 x 6 x 6
         L.Flatten(),
         L.Dropout(0.5, seed=1), L.Dense(256 * 6 * 6, 4096, dtype=dtype, rng=rng, init=init), L.ReLU(),
@@ -77,21 +79,22 @@ def alexnet(num_classes: int = 1000, lrn: bool = True, dtype="float32", seed=Non
 
 
 def alexnet_small(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, dtype="float32",
-                  seed=None, init="default", winograd: bool = False) -> Sequential:
+                  seed=None, init="default", winograd: bool = False, groups: int = 1) -> Sequential:
     """AlexNet's shape scaled to 28x28 (MNIST) or 32x32 (CIFAR-10) images: five 3x3 convolutions
     (64, 192, 384, 256, 256) with ReLU and three 2x2 max pools, then dropout and dense
     (256*s*s)-1024-1024-classes, s = input_size // 8 (3 for 28, 4 for 32). ``winograd``: every convolution
-    by Winograd F(2x2, 3x3)."""
+    by Winograd F(2x2, 3x3). ``groups``: every convolution but the first and the third in that many groups
+    (AlexNet's towers, as ``alexnet(groups=2)``)."""
     if not isinstance(input_size, int) or input_size < 8:
         raise ValueError(f"alexnet_small: input_size must be an int >= 8 (three 2x2 poolings), got {input_size!r}")
     rng, init = _rng(seed), _init(init, dtype)
     s = input_size // 2 // 2 // 2
     model = Sequential([
         L.Conv2D(in_channels, 64, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
-        L.Conv2D(64, 192, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(64, 192, 3, padding=1, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(), L.MaxPool2D(2),
         L.Conv2D(192, 384, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
-        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
-        L.Conv2D(256, 256, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(384, 256, 3, padding=1, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(),
+        L.Conv2D(256, 256, 3, padding=1, dtype=dtype, rng=rng, init=init, groups=groups), L.ReLU(), L.MaxPool2D(2),
         L.Flatten(),
         L.Dropout(0.5, seed=1), L.Dense(256 * s * s, 1024, dtype=dtype, rng=rng, init=init), L.ReLU(),
         L.Dropout(0.5, seed=2), L.Dense(1024, 1024, dtype=dtype, rng=rng, init=init), L.ReLU(),
@@ -101,10 +104,10 @@ def alexnet_small(in_channels: int = 1, num_classes: int = 10, input_size: int =
 
 
 def use_winograd(model: Sequential, on: bool = True) -> Sequential:
-    """Every Conv2D of ``model`` that Winograd F(2x2, 3x3) can compute (3x3, stride 1) switched to it (or back
-    to im2col + GEMM with ``on=False``); other convolutions keep "gemm". Returns the model."""
+    """Every Conv2D and ConvTranspose2D of ``model`` that Winograd F(2x2, 3x3) can compute (3x3, stride 1)
+    switched to it (or back to im2col + GEMM with ``on=False``); other convolutions keep "gemm". Returns the model."""
     for layer in model.layers:
-        if isinstance(layer, L.Conv2D) and layer.kernel_size == (3, 3) and layer.stride == (1, 1):
+        if isinstance(layer, (L.Conv2D, L.ConvTranspose2D)) and layer.kernel_size == (3, 3) and layer.stride == (1, 1):
             layer.algorithm = "winograd" if on else "gemm"
     return model
 

@@ -9,8 +9,8 @@ from hypothesis import assume, given, settings, strategies as st
 from gpucnn import backend, layers as L
 from gpucnn.kernels import conv as K
 from gpucnn.kernels import mec
-from gpucnn.testing import check_backward
 from conftest import assert_close, assert_compiles_for_a_real_gpu
+from conv_helpers import assert_gradients, assert_sim_layer_matches_cpu
 
 
 def reference_conv(x, w, b, stride, padding):
@@ -64,9 +64,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_check_backward(case, rng):
     kw, shape = CASES[case]
-    layer = L.Conv2D(**kw, rng=rng)
-    report = check_backward(layer, rng.standard_normal(shape))
-    assert set(report) == {"x", "weight"} | ({"bias"} if kw.get("bias", True) else set())
+    assert_gradients(L.Conv2D(**kw, rng=rng), shape, rng)
 
 
 @settings(max_examples=200, deadline=None)
@@ -146,27 +144,25 @@ def test_against_torch(channels, stride, padding, dtype, rng):
     assert_close(layer.grads["bias"], tb.grad.numpy(), dtype, "gb")
 
 
-def test_first_layer_skips_the_input_gradient(rng):
-    layer = L.Conv2D(1, 2, 3, rng=rng)
-    x = rng.standard_normal((2, 1, 5, 5)).astype(np.float32)
-    gy = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+# a convolution and its transpose, each from a 5x5 input to a 3x3 output, for the tests of the layer contract
+TWO_WAYS = {"Conv2D": (lambda rng: L.Conv2D(2, 3, 3, rng=rng), (2, 2, 5, 5), (2, 3, 3, 3)),
+            "ConvTranspose2D": (lambda rng: L.ConvTranspose2D(2, 3, 3, padding=2, rng=rng), (2, 2, 5, 5), (2, 3, 3, 3))}
+
+
+@pytest.mark.parametrize("layer", TWO_WAYS)
+def test_backward_overwrites_grads_and_a_first_layer_skips_the_input_gradient(layer, rng):
+    make, x_shape, y_shape = TWO_WAYS[layer]
+    layer = make(rng)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    gy = rng.standard_normal(y_shape).astype(np.float32)
     layer.forward(x)
-    layer.backward(gy)
+    gx = layer.backward(gy).copy()
     gw = layer.grads["weight"].copy()
+    assert_close(layer.backward(gy), gx, "float32", "second backward's gx")
+    assert_close(layer.grads["weight"], gw, "float32", "second backward's gw (overwritten, not added)")
     layer.needs_input_grad = False
     assert layer.backward(gy) is None
     assert_close(layer.grads["weight"], gw, "float32", "gw without gx")
-
-
-def test_backward_overwrites_grads(rng):
-    layer = L.Conv2D(2, 2, 2, rng=rng)
-    x = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
-    gy = rng.standard_normal((1, 2, 2, 2)).astype(np.float32)
-    layer.forward(x)
-    layer.backward(gy)
-    first = layer.grads["weight"].copy()
-    layer.backward(gy)
-    assert_close(layer.grads["weight"], first, "float32", "second backward")
 
 
 def test_kernel_functions_with_activation_and_no_bias(rng):
@@ -310,16 +306,18 @@ def test_kernel_larger_than_padded_input(what):
         K.im2col(np.ones((1, 1, 3, 2)), 3, 5, 1, (0, 1))
 
 
-def test_backward_errors(rng):
-    layer = L.Conv2D(2, 3, 3)
-    with pytest.raises(RuntimeError, match="Conv2D: backward called before forward"):
-        layer.backward(np.ones((1, 3, 3, 3), np.float32))
-    layer.forward(rng.standard_normal((1, 2, 5, 5)).astype(np.float32))
-    with pytest.raises(ValueError, match=r"Conv2D: backward got a gradient of shape \(1, 3, 3, 4\), "
-                                         r"expected the forward output's \(1, 3, 3, 3\)"):
-        layer.backward(np.ones((1, 3, 3, 4), np.float32))
-    with pytest.raises(TypeError, match="Conv2D: backward got a float64 gradient, expected float32"):
-        layer.backward(np.ones((1, 3, 3, 3)))
+@pytest.mark.parametrize("layer", TWO_WAYS)
+def test_backward_errors(layer, rng):
+    make, x_shape, y_shape = TWO_WAYS[layer]
+    name, layer = layer, make(rng)
+    with pytest.raises(RuntimeError, match=f"{name}: backward called before forward"):
+        layer.backward(np.ones(y_shape, np.float32))
+    layer.forward(rng.standard_normal(x_shape).astype(np.float32))
+    with pytest.raises(ValueError, match=rf"{name}: backward got a gradient of shape \(2, 3, 3, 4\), "
+                                         r"expected the forward output's \(2, 3, 3, 3\)"):
+        layer.backward(np.ones((2, 3, 3, 4), np.float32))
+    with pytest.raises(TypeError, match=f"{name}: backward got a float64 gradient, expected float32"):
+        layer.backward(np.ones(y_shape))
 
 
 # ------------------------------------------------------------------------------------------ GPU path on "sim"
@@ -397,17 +395,7 @@ def test_sim_bias_grad_long_rows(rng):
 
 @pytest.mark.sim
 def test_sim_layer_matches_cpu(rng):
-    layer = L.Conv2D(2, 3, (3, 2), SIM_STRIDE, SIM_PAD, rng=rng)
-    x = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
-    y = layer.forward(x)
-    gy = rng.standard_normal(y.shape).astype(np.float32)
-    gx = layer.backward(gy)
-    gw, gb = layer.grads["weight"].copy(), layer.grads["bias"].copy()
-    with backend.cpu_path():
-        assert_close(y, layer.forward(x), "float32", "forward")
-        assert_close(gx, layer.backward(gy), "float32", "gx")
-    assert_close(gw, layer.grads["weight"], "float32", "gw")
-    assert_close(gb, layer.grads["bias"], "float32", "gb")
+    assert_sim_layer_matches_cpu(L.Conv2D(2, 3, (3, 2), SIM_STRIDE, SIM_PAD, rng=rng), (1, 2, 5, 6), True, rng)
 
 
 @pytest.mark.sim

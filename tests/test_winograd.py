@@ -45,14 +45,19 @@ SHAPES = {
 }
 
 
+def random_inputs(case, dtype, rng):
+    """x, w and gz (fresh normal numbers in ``dtype``) and the padding of a case (N, C, H, W, Cout, padding)."""
+    N, C, H, W, Cout, P = case
+    PH, PW = WG._two(P)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Cout, C, 3, 3)).astype(dtype)
+    return x, w, rng.standard_normal((Cout, H + 2 * PH - 2, W + 2 * PW - 2, N)).astype(dtype), P
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", SHAPES)
 def test_matches_im2col_gemm(case, dtype, rng):
-    N, C, H, W, Cout, P = SHAPES[case]
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((Cout, C, 3, 3)).astype(dtype)
-    z64, _ = K.conv2d_gemm(x.astype(np.float64), w.astype(np.float64), 1, P)
-    gz = rng.standard_normal(z64.shape).astype(dtype)
+    x, w, gz, P = random_inputs(SHAPES[case], dtype, rng)
     z, gx, gw, (V, U) = winograd_pass(x, w, gz, P)
     assert z.flags.c_contiguous and gx.flags.c_contiguous
     assert z.dtype == gx.dtype == gw.dtype == V.dtype == U.dtype == np.dtype(dtype)
@@ -191,10 +196,7 @@ SIM_SHAPES = {"odd height, padding 1": (2, 2, 5, 4, 3, 1),
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", SIM_SHAPES)
 def test_sim_matches_cpu(case, dtype, rng):
-    N, C, H, W, Cout, P = SIM_SHAPES[case]
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((Cout, C, 3, 3)).astype(dtype)
-    gz = rng.standard_normal((Cout, H + 2 * WG._two(P)[0] - 2, W + 2 * WG._two(P)[1] - 2, N)).astype(dtype)
+    x, w, gz, P = random_inputs(SIM_SHAPES[case], dtype, rng)
     assert backend.on_gpu(x)
     z, gx, gw, (V, U) = winograd_pass(x, w, gz, P)
     with backend.cpu_path():

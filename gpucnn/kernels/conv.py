@@ -3,11 +3,14 @@ convolution algorithm is.
 
     z[o, oh, ow, n] = sum_{c, kh, kw} w[o, c, kh, kw] * xpad[n, c, oh*SH + kh, ow*SW + kw]
 
+(grouped, G groups: output o reads only its group's C/G channels, w being (Cout, C/G, KH, KW)).
+
 An algorithm is one object (ALGORITHMS, at the end: "gemm" here, "winograd" in winograd.py): ``supports``,
 ``lower`` (the input as its products read it), ``forward`` (z and a Saved, what backward reads),
-``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin. z is left in the
-GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation` add the
-bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
+``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin, each for any number
+of groups; ``grad_input`` alone is a transposed convolution's forward (gpucnn.layers.ConvTranspose2D). z is
+left in the GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation`
+add the bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
 twins write dL/dz back in this layout while they sum the bias gradient.
 
 im2col copies every receptive field into a column of ``col`` (C*KH*KW, OH*OW*N): rows in the weight's
@@ -29,7 +32,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu, xp
+from ..backend import cuda, gpu_device, gpu_kernel, launch, matmul, on_gpu, xp
 from . import mec
 from .activation import activation_bias_backward, bias_activation_nchw
 
@@ -62,6 +65,13 @@ def _output_size(size: int, kernel: int, stride: int, pad: int) -> int:
 # same numbers to the bit (col2im gathers each input's entries and adds them in the CPU's order).
 
 
+@gpu_device
+def unravel4(i, inner, middle, outer):
+    """The indices (fastest first) of flat index i over (rest, outer, middle, inner), row-major: a thread's (or
+    a block's) position, named, in one place for every kernel here and in winograd.py."""
+    return i % inner, (i // inner) % middle, (i // (inner * middle)) % outer, i // (inner * middle * outer)
+
+
 @gpu_kernel
 def _im2col_kernel(x, col, SH, SW, PH, PW):
     # a thread per col element (a grid-stride loop: see backend.launch; on a GPU it runs once per thread)
@@ -89,10 +99,8 @@ def _im2col_tiled_kernel(x, col, SH, SW, PH, PW, TN, TOW):
     the tile is written along n (for a tile holding the whole batch, one contiguous run per kw)."""
     N, H, W = x.shape[0], x.shape[2], x.shape[3]
     KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
-    n_tiles = (N + TN - 1) // TN
-    ow_tiles = (OW + TOW - 1) // TOW
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
+    n_tiles, ow_tiles = (N + TN - 1) // TN, (OW + TOW - 1) // TOW
+    t, threads = cuda.threadIdx.x, cuda.blockDim.x
     S = ((TOW - 1) * SW + KW) | 1           # shared row stride per image: odd, so that the write phase's
     zero = x.dtype.type(0)                  # reads (a warp along n) hit 32 different banks
     tile = cuda.shared.array(0, dtype=x.dtype)
@@ -134,10 +142,7 @@ def _col2im_kernel(col, gx, SH, SW, PH, PW):
     C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
     KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
     for i in range(cuda.grid(1), gx.size, cuda.gridsize(1)):
-        w = i % W
-        h = (i // W) % H
-        c = (i // (W * H)) % C
-        n = i // (W * H * C)
+        w, h, c, n = unravel4(i, W, H, C)
         hp = h + PH                 # position in the padded input
         wp = w + PW
         # the outputs whose window covers (hp, wp): oh*SH <= hp <= oh*SH + KH - 1, at offset kh = hp - oh*SH
@@ -158,18 +163,13 @@ def _col2im_tiled_kernel(col, gx, SH, SW, PH, PW, TN, TW):
     then gx[n0:n0+TN, c, h, w0:w0+TW] is written along w."""
     N, H, W = gx.shape[0], gx.shape[2], gx.shape[3]
     KH, KW, OH, OW = col.shape[1], col.shape[2], col.shape[3], col.shape[4]
-    n_tiles = (N + TN - 1) // TN
-    w_tiles = (W + TW - 1) // TW
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
+    n_tiles, w_tiles = (N + TN - 1) // TN, (W + TW - 1) // TW
+    t, threads = cuda.threadIdx.x, cuda.blockDim.x
     # shared stride per column: odd, so that the write phase (a warp along w) has no bank conflicts
     S = TN | 1
     tile = cuda.shared.array(0, dtype=gx.dtype)
     for b in range(cuda.blockIdx.x, gx.shape[1] * H * w_tiles * n_tiles, cuda.gridDim.x):   # as im2col's
-        nt = b % n_tiles
-        wt = (b // n_tiles) % w_tiles
-        h = (b // (n_tiles * w_tiles)) % H
-        c = b // (n_tiles * w_tiles * H)
+        nt, wt, h, c = unravel4(b, n_tiles, w_tiles, H)
         n0 = nt * TN
         w0 = wt * TW
         tn = min(TN, N - n0)
@@ -311,16 +311,23 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
 
 # ---------------------------------------------------------------------------------------- the algorithm
 
-class Saved:
-    """What a convolution's backward reads, made by its algorithm's forward: the algorithm, the geometry, the
-    lowered input (``lowered``: im2col's matrix, MEC's rows, Winograd's V) and what else backward reads
-    (``extra``: Winograd's U, which the caller releases after backward). ``drop(x)`` releases the lowered input
-    and keeps x in its place (Conv2D.RECOMPUTE_ABOVE); ``relower()`` makes it again, before backward."""
+def group_slices(groups: int, *sizes):
+    """Per group g, the slice of each of ``sizes`` (rows of the weights, of z, of a lowering) that holds it: g's
+    equal share, in order. A grouped convolution is a loop over these of one group's GEMMs."""
+    return [tuple(slice(g * n // groups, (g + 1) * n // groups) for n in sizes) for g in range(groups)]
 
-    def __init__(self, algorithm, x_shape, kernel, stride, padding, lowered, extra=()):
+
+class Saved:
+    """What a convolution's backward reads, made by its algorithm's forward: the algorithm, the geometry (with the
+    groups), the lowered input (``lowered``: im2col's matrix, MEC's rows, Winograd's V) and what else backward
+    reads (``extra``: Winograd's U, which the caller releases after backward). ``drop(x)`` releases the lowered
+    input and keeps x in its place (Conv2D.RECOMPUTE_ABOVE); ``relower()`` makes it again, before backward. A
+    transposed convolution's forward (an algorithm's grad_input) makes one with ``lowered=None``."""
+
+    def __init__(self, algorithm, x_shape, kernel, stride, padding, lowered, extra=(), groups: int = 1):
         self.algorithm, self.x_shape, self.x = algorithm, tuple(x_shape), None
         self.kernel, self.stride, self.padding = _two(kernel), _two(stride), _two(padding)
-        self.lowered, self.extra = lowered, tuple(extra)
+        self.lowered, self.extra, self.groups = lowered, tuple(extra), int(groups)
 
     def drop(self, x):
         backend.release(self.lowered)
@@ -329,70 +336,85 @@ class Saved:
     def relower(self):
         if self.lowered is None:
             x, self.x = self.x, None
-            self.lowered = self.algorithm.lower(x, self.kernel, self.stride, self.padding)
+            self.lowered = self.algorithm.lower(x, self.kernel, self.stride, self.padding, self.groups)
         return self.lowered
 
 
 class Im2colGemm:
-    """The convolution as a lowering and GEMMs, for any kernel, stride and padding (algorithm "gemm").
+    """The convolution as a lowering and GEMMs, for any kernel, stride, padding and groups (algorithm "gemm").
 
     GPU: col = im2col(x), z = w @ col; gw = gz @ col.T, gx = col2im(w.T @ gz). CPU: the same products on MEC's
-    rows (:mod:`gpucnn.kernels.mec`). Groups (a later change): with c = g*C/G + c' and o = g*Cout/G + o', the
-    group is already outermost in col's rows (c, kh, kw), in the weight's rows and in z's, so a grouped
-    convolution is a loop over g of these GEMMs on contiguous slices of rows.
+    rows (:mod:`gpucnn.kernels.mec`). Groups: with c = g*C/G + c' and o = g*Cout/G + o', the group is outermost
+    in col's rows (c, kh, kw), in the weight's rows and in z's (and MEC stacks the groups' rows, see mec.lower),
+    so a grouped convolution is a loop over g of these GEMMs on contiguous slices of rows (group_slices); one
+    group is the plain convolution, the same calls as ever.
     """
     name, title, limits = "gemm", "im2col + GEMM", "every convolution"
 
     def supports(self, kernel, stride) -> bool:
         return True
 
-    def lower(self, x, kernel, stride, padding):
-        """im2col's matrix (C*KH*KW, OH*OW*N) on the GPU; MEC's lighter rows (Hp, C, KW, OW, N) on the CPU."""
+    def lower(self, x, kernel, stride, padding, groups: int = 1):
+        """im2col's matrix (C*KH*KW, OH*OW*N) on the GPU; MEC's lighter rows (G*Hp, C/G, KW, OW, N) on the CPU."""
         (KH, KW), (SH, SW), (PH, PW) = _two(kernel), _two(stride), _two(padding)
         if on_gpu(x):
             return im2col(x, KH, KW, (SH, SW), (PH, PW))
-        return mec.lower(x, KH, KW, SH, SW, PH, PW)
+        return mec.lower(x, KH, KW, SH, SW, PH, PW, groups)
 
-    def forward(self, x, w, stride, padding):
-        """``(z, saved)``: z = w @ lower(x), the convolution before bias and activation, in the GEMM layout."""
+    def forward(self, x, w, stride, padding, groups: int = 1):
+        """``(z, saved)``: z = w @ lower(x) per group, the convolution before bias and activation, in the GEMM
+        layout; w is (Cout, C/G, KH, KW)."""
         N = x.shape[0]
         Cout, _, KH, KW = w.shape
         (SH, SW), (PH, PW) = _two(stride), _two(padding)
         OH, OW = _output_size(x.shape[2], KH, SH, PH), _output_size(x.shape[3], KW, SW, PW)
-        col = self.lower(x, (KH, KW), stride, padding)
+        col = self.lower(x, (KH, KW), stride, padding, groups)
         if on_gpu(x):
-            z = matmul(w.reshape(Cout, -1), col, out=backend.empty((Cout, OH * OW * N), x.dtype, x))
+            z, w2 = backend.empty((Cout, OH * OW * N), x.dtype, x), w.reshape(Cout, -1)
+            for o, k in group_slices(groups, Cout, col.shape[0]):
+                matmul(w2[o], col[k], out=z[o])
             z = z.reshape(Cout, OH, OW, N)
         else:
-            z = mec.forward(col, w, SH, OH)
-        return z, Saved(self, x.shape, (KH, KW), stride, padding, col)
+            z = np.empty((Cout, OH, OW, N), dtype=x.dtype)
+            for o, h in group_slices(groups, Cout, col.shape[0]):
+                mec.forward(col[h], w[o], SH, OH, out=z[o])
+        return z, Saved(self, x.shape, (KH, KW), stride, padding, col, groups=groups)
 
     def grad_weight(self, saved, gz, out=None):
-        """gw (Cout, C, KH, KW) = gz @ col.T, summed over every output position and image (the weights are
-        shared), into ``out`` when given (a flat gradient buffer's view). Within a training step the lowered
+        """gw (Cout, C/G, KH, KW) = gz @ col.T per group, summed over every output position and image (the weights
+        are shared), into ``out`` when given (a flat gradient buffer's view). Within a training step the lowered
         input is then released: grad_input's gcol, as large, may take its memory."""
-        col, (KH, KW), SH = saved.lowered, saved.kernel, saved.stride[0]
-        Cout, C = gz.shape[0], saved.x_shape[1]
+        col, (KH, KW), SH, G = saved.lowered, saved.kernel, saved.stride[0], saved.groups
+        Cout, Cg = gz.shape[0], saved.x_shape[1] // G
         if on_gpu(gz):
-            K = col.shape[0]
-            gw = matmul(gz.reshape(Cout, -1), col.T, out=out.reshape(Cout, K) if out is not None
-                        else backend.empty((Cout, K), col.dtype, col)).reshape(Cout, C, KH, KW)
+            gw = out if out is not None else backend.empty((Cout, Cg, KH, KW), col.dtype, col)
+            gz2, gw2 = gz.reshape(Cout, -1), gw.reshape(Cout, -1)
+            for o, k in group_slices(G, Cout, col.shape[0]):
+                matmul(gz2[o], col[k].T, out=gw2[o])
         else:
-            gw = mec.grad_weight(col, gz, KH, SH, out)
+            gw = out if out is not None else np.empty((Cout, Cg, KH, KW), dtype=gz.dtype)
+            for o, h in group_slices(G, Cout, col.shape[0]):
+                mec.grad_weight(col[h], gz[o], KH, SH, gw[o])
         backend.release(col)
         return gw
 
     def grad_input(self, saved, w, gz):
-        """gx (N, C, H, W) = col2im(w.T @ gz): each input's share of every output that read it."""
-        Cout, C, KH, KW = w.shape
-        (SH, SW), (PH, PW) = saved.stride, saved.padding
+        """gx (N, C, H, W) = col2im(w.T @ gz) per group: each input's share of every output that read it. It reads
+        no lowered input: it is a transposed convolution's forward too (gpucnn.layers.ConvTranspose2D)."""
+        Cout, _, KH, KW = w.shape
+        (SH, SW), (PH, PW), G, C = saved.stride, saved.padding, saved.groups, saved.x_shape[1]
         if on_gpu(gz):
-            gz2 = gz.reshape(Cout, -1)
-            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz))
+            gz2, w2 = gz.reshape(Cout, -1), w.reshape(Cout, -1)
+            gcol = backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz)
+            for o, k in group_slices(G, Cout, C * KH * KW):
+                matmul(w2[o].T, gz2[o], out=gcol[k])
             gx = col2im(gcol, saved.x_shape, KH, KW, saved.stride, saved.padding)
             backend.release(gcol)       # as large as col: its memory goes to the next request of the step
             return gx
-        return mec.grad_input(w, gz, saved.x_shape, SH, SW, PH, PW)
+        gx = np.empty(saved.x_shape, dtype=gz.dtype)
+        for o, c in group_slices(G, Cout, C):
+            mec.grad_input(w[o], gz[o], saved.x_shape, SH, SW, PH, PW, out=gx[:, c])
+        return gx
 
     def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
         """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed."""

@@ -5,9 +5,10 @@ input row is copied KW times, once per horizontal kernel offset, into Y (Hp, C, 
 output row oh's receptive fields, rows in (kh, c, kw) order, is then KH*C*KW consecutive rows of Y: one
 contiguous block, found by pointer arithmetic. Consecutive output rows share KH - SH of those rows, so Y
 holds about 1/KH of im2col's copies (2.3 MB instead of 10 MB on LeNet's first layer at batch 128) and
-every GEMM reads from cache-sized blocks. The weights are read in the same (kh, c, kw) order. Groups (a later
-change): c sits inside h here, so a grouped lowering puts the group outermost, Y (G, Hp, C/G, KW, OW, N), and
-runs these functions on each Y[g] with its slice of the weights and of z.
+every GEMM reads from cache-sized blocks. The weights are read in the same (kh, c, kw) order. Groups: c sits
+inside h here, so a grouped lowering stacks the groups' Y, (G*Hp, C/G, KW, OW, N), each group's rows one
+contiguous block, and conv.py's Im2colGemm runs the functions below on each block with its slice of the weights
+and of z (with one group, Y is what it always was).
 
 The GEMMs are cut to the size OpenBLAS (NumPy's BLAS) multiplies fastest. For a product of M*N*K <= 100**3 its
 AVX-512 builds run a small-matrix kernel that reads both operands in place; above that they first pack both into
@@ -29,17 +30,20 @@ MIN_SLICE = 1024            # narrower slices than this: the GEMM stays whole, o
 PARTS = 1 << 18             # elements of grad-weight's per-row products kept at once (cache-sized)
 
 
-def lower(x, KH: int, KW: int, SH: int, SW: int, PH: int, PW: int):
-    """Y (Hp, C, KW, OW, N) with Y[h, c, kw, ow, n] = xpad[n, c, h, ow*SW + kw] (zeros in the padding)."""
+def lower(x, KH: int, KW: int, SH: int, SW: int, PH: int, PW: int, groups: int = 1):
+    """Y (G*Hp, C/G, KW, OW, N) with Y[g*Hp + h, c, kw, ow, n] = xpad[n, g*C/G + c, h, ow*SW + kw] (zeros in the
+    padding): per group g the block of rows g*Hp .. (g+1)*Hp, which the functions below take as their Y."""
     N, C, H, W = x.shape
+    G, Cg = groups, C // groups
     Hp, Wp = H + 2 * PH, W + 2 * PW
     OW = (Wp - KW) // SW + 1            # the caller has checked that the kernel fits
-    xt = np.zeros((Hp, C, Wp, N), dtype=x.dtype) if (PH or PW) else np.empty((Hp, C, Wp, N), dtype=x.dtype)
-    xt[PH:PH + H, :, PW:PW + W] = x.transpose(2, 1, 3, 0)
-    sh, sc, sw, sn = xt.strides
-    Y = np.empty((Hp, C, KW, OW, N), dtype=x.dtype)
-    np.copyto(Y, as_strided(xt, (Hp, C, KW, OW, N), (sh, sc, sw, sw * SW, sn), writeable=False))
-    return Y
+    shape = (G, Hp, Cg, Wp, N)
+    xt = np.zeros(shape, dtype=x.dtype) if (PH or PW) else np.empty(shape, dtype=x.dtype)
+    xt[:, PH:PH + H, :, PW:PW + W] = x.reshape(N, G, Cg, H, W).transpose(1, 3, 2, 4, 0)
+    sg, sh, sc, sw, sn = xt.strides
+    Y = np.empty((G, Hp, Cg, KW, OW, N), dtype=x.dtype)
+    np.copyto(Y, as_strided(xt, Y.shape, (sg, sh, sc, sw, sw * SW, sn), writeable=False))
+    return Y.reshape(G * Hp, Cg, KW, OW, N)
 
 
 def row_blocks(Y, KH: int, SH: int, OH: int):
@@ -65,11 +69,11 @@ def slice_width(mk: int, L: int) -> int:
     return -(-L // slices)
 
 
-def forward(Y, w, SH: int, OH: int):
-    """z (Cout, OH, OW, N) = w @ each output row's block of Y (conv's GEMM layout)."""
+def forward(Y, w, SH: int, OH: int, out=None):
+    """z (Cout, OH, OW, N) = w @ each output row's block of Y (conv's GEMM layout), into ``out`` when given."""
     Cout = w.shape[0]
     KH, OW, N = w.shape[2], Y.shape[3], Y.shape[4]
-    z = np.empty((Cout, OH, OW, N), dtype=Y.dtype)
+    z = out if out is not None else np.empty((Cout, OH, OW, N), dtype=Y.dtype)
     wk, blocks, L = weights_khckw(w), row_blocks(Y, KH, SH, OH), OW * N
     zt = z.reshape(Cout, OH, L).transpose(1, 0, 2)
     # one GEMM per output row (a batched matmul over contiguous blocks of Y), each into its slice of z; a thin
@@ -106,10 +110,10 @@ def grad_weight(Y, gz, KH: int, SH: int, out=None):
     return out
 
 
-def grad_input(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int):
-    """gx, the adjoint of lower after the GEMM: per kernel row kh, w[:, :, kh].T @ gz gives every output row's
-    share of the input rows oh*SH + kh (added into gY, Y's shape); then each of the KW copies of a row is
-    added back at its horizontal offset."""
+def grad_input(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int, out=None):
+    """gx (N, C, H, W) for w's C channels, the adjoint of lower after the GEMM: per kernel row kh, w[:, :, kh].T @ gz
+    gives every output row's share of the input rows oh*SH + kh (added into gY, Y's shape); then each of the KW
+    copies of a row is added back at its horizontal offset. Into ``out`` when given (x_shape: only N, H, W read)."""
     Cout, C, KH, KW = w.shape
     N, _, H, W = x_shape
     _, OH, OW, _ = gz.shape
@@ -127,4 +131,8 @@ def grad_input(w, gz, x_shape, SH: int, SW: int, PH: int, PW: int):
     gxt = np.zeros((C, Hp, Wp, N), dtype=gz.dtype)
     for kw in range(KW):
         gxt[:, :, kw:kw + SW * (OW - 1) + 1:SW] += gY[:, :, kw].transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
+    gx = gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2)
+    if out is None:
+        return np.ascontiguousarray(gx)
+    np.copyto(out, gx)
+    return out

@@ -53,7 +53,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import backend
 from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu, xp
-from .conv import ALGORITHMS, Saved
+from .conv import ALGORITHMS, Saved, group_slices, unravel4
 
 # The transforms' matrices. B^T and A^T hold only 0 and +-1: the CPU applies them as adds and subtracts
 # (_combine), the GPU kernels have them written out; G (with its halves) enters only through kron(G, G).
@@ -107,19 +107,19 @@ def _kgg(dtype, like):
 
 
 # ---------------------------------------------------------------------------------------- GPU kernels
-# V and M reach the kernels as their 5-d views (16, C or Cout, TH, TW, N): xi = 4*row + column.
+# V and M reach the kernels as their 5-d views (G*16, C/G or Cout/G, TH, TW, N): xi = 4*row + column, and a
+# group's 16 rows together (channel c = g*C/G + c' is row 16*g + xi, column c'); one group: (16, C, TH, TW, N).
 
 @gpu_kernel
 def _input_transform_kernel(x, V, PH, PW):
     # a thread per 4x4 input tile of one channel (a grid-stride loop: see backend.launch): V = B^T d B
-    H, W = x.shape[2], x.shape[3]
-    C, TH, TW, N = V.shape[1], V.shape[2], V.shape[3], V.shape[4]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Cg, TH, TW, N = V.shape[1], V.shape[2], V.shape[3], V.shape[4]
     d = cuda.local.array(16, x.dtype)
     for i in range(cuda.grid(1), C * TH * TW * N, cuda.gridsize(1)):
-        n = i % N
-        tw = (i // N) % TW
-        th = (i // (N * TW)) % TH
-        c = i // (N * TW * TH)
+        n, tw, th, c = unravel4(i, N, TW, TH)
+        g = c // Cg                       # the group: V's rows 16*g .. 16*g + 15, its column c - g*Cg
+        xi, cg = 16 * g, c - g * Cg
         for r in range(4):
             for s in range(4):
                 h = 2 * th - PH + r
@@ -133,25 +133,23 @@ def _input_transform_kernel(x, V, PH, PW):
             d[s], d[4 + s], d[8 + s], d[12 + s] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
         for r in range(4):                # (B^T d) B: the same along each row, straight into V
             e0, e1, e2, e3 = d[4 * r], d[4 * r + 1], d[4 * r + 2], d[4 * r + 3]
-            V[4 * r, c, th, tw, n] = e0 - e2
-            V[4 * r + 1, c, th, tw, n] = e1 + e2
-            V[4 * r + 2, c, th, tw, n] = e2 - e1
-            V[4 * r + 3, c, th, tw, n] = e1 - e3
+            V[xi + 4 * r, cg, th, tw, n] = e0 - e2
+            V[xi + 4 * r + 1, cg, th, tw, n] = e1 + e2
+            V[xi + 4 * r + 2, cg, th, tw, n] = e2 - e1
+            V[xi + 4 * r + 3, cg, th, tw, n] = e1 - e3
 
 
 @gpu_kernel
 def _output_transform_kernel(M, z):
     # a thread per tile of one output channel: the 2x2 outputs A^T m A, those inside z only
-    Cout, TH, TW, N = M.shape[1], M.shape[2], M.shape[3], M.shape[4]
-    OH, OW = z.shape[1], z.shape[2]
+    Cog, TH, TW, N = M.shape[1], M.shape[2], M.shape[3], M.shape[4]
+    Cout, OH, OW = z.shape[0], z.shape[1], z.shape[2]
     m = cuda.local.array(16, M.dtype)
     for i in range(cuda.grid(1), Cout * TH * TW * N, cuda.gridsize(1)):
-        n = i % N
-        tw = (i // N) % TW
-        th = (i // (N * TW)) % TH
-        o = i // (N * TW * TH)
+        n, tw, th, o = unravel4(i, N, TW, TH)
+        g = o // Cog                      # the group: M's rows 16*g .., its column o - g*Cog
         for k in range(16):
-            m[k] = M[k, o, th, tw, n]
+            m[k] = M[16 * g + k, o - g * Cog, th, tw, n]
         for s in range(4):                # A^T m: rows (m0 + m1 + m2, m1 - m2 - m3), into rows 0 and 1
             m0, m1, m2, m3 = m[s], m[4 + s], m[8 + s], m[12 + s]
             m[s], m[4 + s] = m0 + m1 + m2, m1 - m2 - m3
@@ -169,13 +167,12 @@ def _output_transform_kernel(M, z):
 def _output_transform_adjoint_kernel(gz, gM):
     # a thread per tile of one output channel: gM = A gY A^T, gY the tile's 2x2 of gz (zero past the crop)
     Cout, OH, OW, N = gz.shape[0], gz.shape[1], gz.shape[2], gz.shape[3]
-    TH, TW = gM.shape[2], gM.shape[3]
+    Cog, TH, TW = gM.shape[1], gM.shape[2], gM.shape[3]
     zero = gz.dtype.type(0)
     for i in range(cuda.grid(1), Cout * TH * TW * N, cuda.gridsize(1)):
-        n = i % N
-        tw = (i // N) % TW
-        th = (i // (N * TW)) % TH
-        o = i // (N * TW * TH)
+        n, tw, th, o = unravel4(i, N, TW, TH)
+        g = o // Cog                      # the group: gM's rows 16*g .., its column og
+        xi, og = 16 * g, o - g * Cog
         oh, ow = 2 * th, 2 * tw
         g00 = gz[o, oh, ow, n]
         g01 = gz[o, oh, ow + 1, n] if ow + 1 < OW else zero
@@ -190,22 +187,21 @@ def _output_transform_adjoint_kernel(gz, gM):
                 p0, p1 = g00 - g01, g10 - g11
             else:
                 p0, p1 = -g01, -g11
-            gM[s, o, th, tw, n] = p0      # A (gY A^T): the same down each column
-            gM[4 + s, o, th, tw, n] = p0 + p1
-            gM[8 + s, o, th, tw, n] = p0 - p1
-            gM[12 + s, o, th, tw, n] = -p1
+            gM[xi + s, og, th, tw, n] = p0      # A (gY A^T): the same down each column
+            gM[xi + 4 + s, og, th, tw, n] = p0 + p1
+            gM[xi + 8 + s, og, th, tw, n] = p0 - p1
+            gM[xi + 12 + s, og, th, tw, n] = -p1
 
 
 @gpu_kernel
 def _input_transform_adjoint_kernel(gV, gx, PH, PW):
     # a thread per input element: the sum, over the (up to 2x2) tiles that cover it, of its entry of B gV B^T
-    N, C, H, W = gx.shape[0], gx.shape[1], gx.shape[2], gx.shape[3]
-    TH, TW = gV.shape[2], gV.shape[3]
+    C, H, W = gx.shape[1], gx.shape[2], gx.shape[3]
+    Cg, TH, TW = gV.shape[1], gV.shape[2], gV.shape[3]
     for i in range(cuda.grid(1), gx.size, cuda.gridsize(1)):
-        w = i % W
-        h = (i // W) % H
-        c = (i // (W * H)) % C
-        n = i // (W * H * C)
+        w, h, c, n = unravel4(i, W, H, C)
+        g = c // Cg                       # the group: gV's rows 16*g .., its column cg
+        xi, cg = 16 * g, c - g * Cg
         hp = h + PH                       # position in the padded input
         wp = w + PW
         acc = gx.dtype.type(0)
@@ -221,9 +217,9 @@ def _input_transform_adjoint_kernel(gV, gx, PH, PW):
                         for b in range(4):
                             bb = _B[s, b]
                             if bb > 0:
-                                row += gV[4 * a + b, c, th, tw, n]
+                                row += gV[xi + 4 * a + b, cg, th, tw, n]
                             elif bb < 0:
-                                row -= gV[4 * a + b, c, th, tw, n]
+                                row -= gV[xi + 4 * a + b, cg, th, tw, n]
                         if ba > 0:
                             acc += row
                         else:
@@ -263,120 +259,142 @@ def _tiles(xt, TH: int, TW: int):
                       writeable=False)
 
 
-def _input_transform(x, PH: int, PW: int, TH: int, TW: int):
-    """V (16, C, TH, TW, N): B^T d B of every 4x4 tile d of the zero-padded input, tiles in (th, tw, n) order."""
+def _input_transform(x, PH: int, PW: int, TH: int, TW: int, groups: int):
+    """V (G*16, C/G, TH, TW, N): B^T d B of every 4x4 tile d of the zero-padded input, tiles in (th, tw, n) order,
+    a group's 16 rows together (see the GPU kernels)."""
     N, C, H, W = x.shape
+    Cg = C // groups
     if on_gpu(x):
-        V = backend.empty((16, C, TH, TW, N), x.dtype, x)
+        V = backend.empty((16 * groups, Cg, TH, TW, N), x.dtype, x)
         launch(_input_transform_kernel, C * TH * TW * N, xp(x).ascontiguousarray(x), V, PH, PW, grid_stride=True)
         return V
     # batch innermost, padded to the tiles' reach (one past the padding when OH or OW is odd); every tile
     # copied out once (4 numbers per input), so that the arithmetic runs on contiguous arrays: a NumPy add
     # of two strided views is ~5x slower than the copy
-    xt = np.zeros((C, 2 * TH + 2, 2 * TW + 2, N), dtype=x.dtype)
-    xt[:, PH:PH + H, PW:PW + W] = x.transpose(1, 2, 3, 0)
-    D = np.empty((4, 4, C, TH, TW, N), dtype=x.dtype)
-    np.copyto(D, _tiles(xt, TH, TW))
-    R = _combine(_BT, D, np.empty_like(D))          # B^T d: down the tile's columns
-    for i in range(4):
-        _combine(_BT, R[i], D[i])                   # (B^T d) B: along its rows, into D's memory
-    return D.reshape(16, C, TH, TW, N)
+    V = np.empty((16 * groups, Cg, TH, TW, N), dtype=x.dtype)
+    for xi, c in group_slices(groups, 16 * groups, C):
+        xt = np.zeros((Cg, 2 * TH + 2, 2 * TW + 2, N), dtype=x.dtype)
+        xt[:, PH:PH + H, PW:PW + W] = x[:, c].transpose(1, 2, 3, 0)
+        D = V[xi].reshape(4, 4, Cg, TH, TW, N)
+        np.copyto(D, _tiles(xt, TH, TW))
+        R = _combine(_BT, D, np.empty_like(D))          # B^T d: down the tile's columns
+        for i in range(4):
+            _combine(_BT, R[i], D[i])                   # (B^T d) B: along its rows, into D's memory
+    return V
 
 
 def _input_transform_adjoint(gV, x_shape, PH: int, PW: int):
     """gx (N, C, H, W): B gV B^T of every tile added back onto the input it was read from (padding dropped)."""
     N, C, H, W = x_shape
-    TH, TW = gV.shape[2], gV.shape[3]
+    Cg, TH, TW = gV.shape[1], gV.shape[2], gV.shape[3]
     if on_gpu(gV):
         gx = backend.empty((N, C, H, W), gV.dtype, gV)
         launch(_input_transform_adjoint_kernel, gx.size, gV, gx, PH, PW, grid_stride=True)
         return gx
-    gV6 = gV.reshape(4, 4, C, TH, TW, N)
-    gR = np.empty_like(gV6)
-    for i in range(4):
-        _combine(_BT.T, gV6[i], gR[i])              # gV B^T
-    gD = _combine(_BT.T, gR, np.empty_like(gR))     # B (gV B^T)
-    gxt = np.zeros((C, 2 * TH + 2, 2 * TW + 2, N), dtype=gV.dtype)
-    for r in range(4):                              # each tile's numbers added back where they were read
-        for s in range(4):
-            gxt[:, r:r + 2 * TH:2, s:s + 2 * TW:2] += gD[r, s]
-    return np.ascontiguousarray(gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2))
+    gx = np.empty((N, C, H, W), dtype=gV.dtype)
+    for xi, c in group_slices(C // Cg, gV.shape[0], C):
+        gV6 = gV[xi].reshape(4, 4, Cg, TH, TW, N)
+        gR = np.empty_like(gV6)
+        for i in range(4):
+            _combine(_BT.T, gV6[i], gR[i])              # gV B^T
+        gD = _combine(_BT.T, gR, np.empty_like(gR))     # B (gV B^T)
+        gxt = np.zeros((Cg, 2 * TH + 2, 2 * TW + 2, N), dtype=gV.dtype)
+        for r in range(4):                              # each tile's numbers added back where they were read
+            for s in range(4):
+                gxt[:, r:r + 2 * TH:2, s:s + 2 * TW:2] += gD[r, s]
+        gx[:, c] = gxt[:, PH:PH + H, PW:PW + W].transpose(3, 0, 1, 2)
+    return gx
 
 
 def _output_transform(M, OH: int, OW: int):
-    """z (Cout, OH, OW, N): A^T m A of every tile, its 2x2 outputs in place, those past OH or OW dropped."""
-    _, Cout, TH, TW, N = M.shape
+    """z (Cout, OH, OW, N): A^T m A of every tile, its 2x2 outputs in place, those past OH or OW dropped; M is
+    (G*16, Cout/G, TH, TW, N)."""
+    _, Cog, TH, TW, N = M.shape
+    Cout = M.shape[0] // 16 * Cog
     if on_gpu(M):
         z = backend.empty((Cout, OH, OW, N), M.dtype, M)
         launch(_output_transform_kernel, Cout * TH * TW * N, M, z, grid_stride=True)
         return z
-    rows = _combine(_AT, M.reshape(4, 4, Cout, TH, TW, N),                      # A^T m: down the columns
-                    np.empty((2, 4, Cout, TH, TW, N), dtype=M.dtype))
-    Y = np.empty((2, 2, Cout, TH, TW, N), dtype=M.dtype)
-    for a in range(2):                                                          # (A^T m) A: along the rows
-        _combine(_AT, rows[a], Y[a])
     z = np.empty((Cout, OH, OW, N), dtype=M.dtype)
-    for a in range(2):                                                          # one copy into place, cropped
-        for b in range(2):
-            out = z[:, a::2, b::2]
-            out[...] = Y[a, b][:, :out.shape[1], :out.shape[2]]
+    for xi, o in group_slices(Cout // Cog, M.shape[0], Cout):
+        rows = _combine(_AT, M[xi].reshape(4, 4, Cog, TH, TW, N),                  # A^T m: down the columns
+                        np.empty((2, 4, Cog, TH, TW, N), dtype=M.dtype))
+        Y = np.empty((2, 2, Cog, TH, TW, N), dtype=M.dtype)
+        for a in range(2):                                                      # (A^T m) A: along the rows
+            _combine(_AT, rows[a], Y[a])
+        for a in range(2):                                                      # one copy into place, cropped
+            for b in range(2):
+                out = z[o, a::2, b::2]
+                out[...] = Y[a, b][:, :out.shape[1], :out.shape[2]]
     return z
 
 
-def _output_transform_adjoint(gz, TH: int, TW: int):
-    """gM (16, Cout, TH, TW, N): A gY A^T of every tile's 2x2 of gz (zeros past the crop)."""
+def _output_transform_adjoint(gz, TH: int, TW: int, groups: int):
+    """gM (G*16, Cout/G, TH, TW, N): A gY A^T of every tile's 2x2 of gz (zeros past the crop)."""
     Cout, OH, OW, N = gz.shape
+    Cog = Cout // groups
     if on_gpu(gz):
-        gM = backend.empty((16, Cout, TH, TW, N), gz.dtype, gz)
+        gM = backend.empty((16 * groups, Cog, TH, TW, N), gz.dtype, gz)
         launch(_output_transform_adjoint_kernel, Cout * TH * TW * N, xp(gz).ascontiguousarray(gz), gM,
                grid_stride=True)
         return gM
     ragged = (OH, OW) != (2 * TH, 2 * TW)
-    gY = (np.zeros if ragged else np.empty)((2, 2, Cout, TH, TW, N), dtype=gz.dtype)
-    for a in range(2):                                                          # each tile's 2x2, one copy
-        for b in range(2):
-            g = gz[:, a::2, b::2]
-            gY[a, b][:, :g.shape[1], :g.shape[2]] = g
-    Q = np.empty((2, 4, Cout, TH, TW, N), dtype=gz.dtype)
-    for a in range(2):                                                          # gY A^T: along the rows
-        _combine(_AT.T, gY[a], Q[a])
-    gM = np.empty((4, 4, Cout, TH, TW, N), dtype=gz.dtype)
-    _combine(_AT.T, Q, gM)                                                      # A (gY A^T): down the columns
-    return gM.reshape(16, Cout, TH, TW, N)
+    gM = np.empty((16 * groups, Cog, TH, TW, N), dtype=gz.dtype)
+    for xi, o in group_slices(groups, 16 * groups, Cout):
+        gY = (np.zeros if ragged else np.empty)((2, 2, Cog, TH, TW, N), dtype=gz.dtype)
+        for a in range(2):                                                      # each tile's 2x2, one copy
+            for b in range(2):
+                g = gz[o, a::2, b::2]
+                gY[a, b][:, :g.shape[1], :g.shape[2]] = g
+        Q = np.empty((2, 4, Cog, TH, TW, N), dtype=gz.dtype)
+        for a in range(2):                                                      # gY A^T: along the rows
+            _combine(_AT.T, gY[a], Q[a])
+        _combine(_AT.T, Q, gM[xi].reshape(4, 4, Cog, TH, TW, N))                # A (gY A^T): down the columns
+    return gM
+
+
+def _filter_transform(w, groups: int):
+    """U (G*16, Cout/G, C/G) = G w G^T of every 3x3 filter w (Cout, C/G, 3, 3), a group's 16 rows together: one
+    small GEMM per group with kron(G, G)."""
+    Cout, Cg = w.shape[0], w.shape[1]
+    U = backend.empty((16 * groups, Cout // groups, Cg), w.dtype, w)
+    U2, w9 = U.reshape(16 * groups, -1), w.reshape(Cout * Cg, 9)
+    for xi, o in group_slices(groups, 16 * groups, Cout * Cg):
+        matmul(_kgg(w.dtype, w), w9[o].T, out=U2[xi])
+    return U
 
 
 # ---------------------------------------------------------------------------------------- the algorithm
 
 class Winograd:
     """F(2x2, 3x3) (Conv2D's algorithm "winograd"), an algorithm as conv.py's Im2colGemm: 3x3 kernels with
-    stride 1, any padding. Its lowered input is V; ``saved.extra`` holds U, the transformed filters.
+    stride 1, any padding, any groups. Its lowered input is V; ``saved.extra`` holds U, the transformed filters.
 
-    Groups (a later change): a group is a slice of V's channels and a (Cout/G, C/G) block of U at every tile
-    position xi; with the group outermost, V (G, 16, C/G, T) and U (G, 16, Cout/G, C/G), each group's
-    batched GEMM reads contiguous slices, a loop over g as for im2col's rows."""
+    Groups: a group is a slice of V's channels and a (Cout/G, C/G) block of U at every tile position xi; with the
+    group outermost, V (G*16, C/G, T), U (G*16, Cout/G, C/G) and M (G*16, Cout/G, T), every group's 16 GEMMs are
+    one batched GEMM of G*16 (the same call as one group's, G times as many): nothing else changes."""
     name, title, limits = "winograd", "F(2x2, 3x3)", "3x3 convolutions with stride 1"
 
     def supports(self, kernel, stride) -> bool:
         return winograd_supported(kernel, stride)
 
-    def lower(self, x, kernel, stride, padding):
-        """V = B^T d B for every 4x4 tile d of x: (16, C, TH, TW, N), what forward multiplies and grad_weight
+    def lower(self, x, kernel, stride, padding, groups: int = 1):
+        """V = B^T d B for every 4x4 tile d of x: (G*16, C/G, TH, TW, N), what forward multiplies and grad_weight
         reads (a layer short of memory drops it and lowers its input again)."""
         PH, PW, _, _, TH, TW = _sizes(x.shape, padding)
-        return _input_transform(x, PH, PW, TH, TW)
+        return _input_transform(x, PH, PW, TH, TW, groups)
 
-    def forward(self, x, w, stride, padding):
+    def forward(self, x, w, stride, padding, groups: int = 1):
         """``(z, saved)``: the convolution before bias and activation, in conv's GEMM layout (Cout, OH, OW, N)."""
         N, C = x.shape[0], x.shape[1]
-        Cout = w.shape[0]
+        Cout, G = w.shape[0], groups
         PH, PW, OH, OW, TH, TW = _sizes(x.shape, padding)
         T = TH * TW * N
-        U = backend.empty((16, Cout, C), x.dtype, x)
-        matmul(_kgg(x.dtype, x), w.reshape(Cout * C, 9).T, out=U.reshape(16, Cout * C))    # G w G^T
-        V = self.lower(x, 3, stride, padding)
-        M = backend.empty((16, Cout, TH, TW, N), x.dtype, x)
-        matmul(U, V.reshape(16, C, T), out=M.reshape(16, Cout, T))                          # 16 GEMMs in one call
-        return _output_transform(M, OH, OW), Saved(self, x.shape, 3, stride, padding, V, (U,))
+        U = _filter_transform(w, G)                                                         # G w G^T
+        V = self.lower(x, 3, stride, padding, G)
+        M = backend.empty((16 * G, Cout // G, TH, TW, N), x.dtype, x)
+        matmul(U, V.reshape(16 * G, C // G, T), out=M.reshape(16 * G, Cout // G, T))      # 16*G GEMMs in one call
+        return _output_transform(M, OH, OW), Saved(self, x.shape, 3, stride, padding, V, (U,), G)
 
     def grad_weight(self, saved, gz, out=None):
         """gw alone (see backward); V is then released, as im2col's matrix is."""
@@ -390,23 +408,31 @@ class Winograd:
         """``(gx, gw)`` from gz = dL/dz in the GEMM layout, the adjoint of forward, None where not needed:
         gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
         transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. Within a training step V is
-        released once gw has read it: gV, as large, may take its memory."""
-        V, (U,), x_shape = saved.lowered, saved.extra, saved.x_shape
-        Cout, C = U.shape[1], U.shape[2]
+        released once gw has read it: gV, as large, may take its memory. gx alone needs no V, and takes U from
+        w when forward made none (a transposed convolution's forward is this grad_input)."""
+        V, x_shape, G = saved.lowered, saved.x_shape, saved.groups
+        Cout, Cg = gz.shape[0], x_shape[1] // G
         PH, PW, OH, OW, TH, TW = _sizes(x_shape, saved.padding)
         T = TH * TW * x_shape[0]
-        gM = _output_transform_adjoint(gz, TH, TW).reshape(16, Cout, T)
+        gM = _output_transform_adjoint(gz, TH, TW, G).reshape(16 * G, Cout // G, T)
         gx = gw = None
         if need_gw:
-            gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
-            gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
-            gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(Cout, C, 3, 3)  # G^T gU G
+            gU = matmul(gM, V.reshape(16 * G, Cg, T).transpose(0, 2, 1),
+                        out=backend.empty((16 * G, Cout // G, Cg), gz.dtype, gz))
+            gw = gw_out if gw_out is not None else backend.empty((Cout, Cg, 3, 3), gz.dtype, gz)
+            gU2, gw9 = gU.reshape(16 * G, -1), gw.reshape(Cout * Cg, 9)
+            for xi, o in group_slices(G, 16 * G, Cout * Cg):
+                matmul(gU2[xi].T, _kgg(gz.dtype, gz), out=gw9[o])                                   # G^T gU G
             backend.release(gU, V)      # V is read no more: gV below, as large, may take its memory
         if need_gx:
-            gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
-            matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))
+            made_here = not saved.extra
+            U = _filter_transform(w, G) if made_here else saved.extra[0]
+            gV = backend.empty((16 * G, Cg, TH, TW, x_shape[0]), gz.dtype, gz)
+            matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16 * G, Cg, T))
             gx = _input_transform_adjoint(gV, x_shape, PH, PW)
             backend.release(gV)
+            if made_here:
+                backend.release(U)
         backend.release(gM)             # read by no one else: a later request of the step may have the memory
         return gx, gw
 

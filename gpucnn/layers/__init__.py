@@ -5,6 +5,7 @@ Subclass :class:`Layer` for a layer of your own (see ``examples/custom_layer.py`
 from .base import LAYER_TYPES, Layer
 from .activation import *  # noqa: F401,F403
 from .conv import *  # noqa: F401,F403
+from .conv_transpose import *  # noqa: F401,F403
 from .pool import *  # noqa: F401,F403
 from .dense import *  # noqa: F401,F403
 from .dropout import *  # noqa: F401,F403

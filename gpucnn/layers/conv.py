@@ -1,4 +1,5 @@
-"""Conv2D: a 2-D convolution layer (cross-correlation, as PyTorch) on NCHW images."""
+"""Conv2D: a 2-D convolution layer (cross-correlation, as PyTorch) on NCHW images, grouped or not; and what it
+shares with ConvTranspose2D (gpucnn.layers.conv_transpose): arguments, checks, parameters, the algorithm."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,12 +24,113 @@ class _Forward(NamedTuple):
     y_shape: tuple          # the shape forward returned
 
 
-class Conv2D(Layer):
-    """``y = conv(x, weight) + bias``: weight (out_channels, in_channels, KH, KW), bias (out_channels,).
+class ConvLayer(Layer):
+    """What a convolution layer and its transpose share: the arguments and their checks, the weight and bias, the
+    algorithm (an object of gpucnn.kernels.conv.ALGORITHMS), the saved config. A subclass says which way round
+    its weight is (``_weight_shape``) and writes forward, backward, output_shape and ``macs(input_shape)``: the
+    weights' multiply-adds for one image, no bias (gpucnn.Sequential.summary adds them up)."""
+
+    ALGORITHMS = tuple(K.ALGORITHMS)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 dtype="float32", init="default", rng=None, algorithm: str = "gemm", groups: int = 1):
+        super().__init__()
+        name = self.name
+        for what, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"{name}: {what} must be an int, got {v!r}")
+            if v < 1:
+                raise ValueError(f"{name}: {what} must be positive, got {v}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
+                             f"divisible by groups ({groups})")
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size = pair(kernel_size, "kernel_size", name)
+        self.stride = pair(stride, "stride", name)
+        self.padding = pair(padding, "padding", name)
+        if min(self.kernel_size) < 1:
+            raise ValueError(f"{name}: kernel_size must be positive, got {kernel_size!r}")
+        if min(self.stride) < 1:
+            raise ValueError(f"{name}: stride must be positive, got {stride!r}")
+        if min(self.padding) < 0:
+            raise ValueError(f"{name}: padding must be zero or positive, got {padding!r}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}: dtype must be float32 or float64, got {self.dtype.name}")
+        self.bias = bool(bias)
+        self.init = init
+        self.needs_input_grad = True
+        self.algorithm = algorithm
+        self._algorithm()
+
+        shape = self._weight_shape()
+        fan_in = int(np.prod(shape[1:]))            # what one output reads: (channels per group) * KH * KW
+        self.params["weight"] = init_uniform(shape, fan_in, self.dtype, rng, init)
+        if self.bias:
+            self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
+        self.grads = {k: None for k in self.params}
+        self._saved = None          # what forward keeps for backward
+
+    def _weight_shape(self) -> tuple:
+        return (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+
+    def _algorithm(self):
+        """The algorithm object ``self.algorithm`` names, once it is known to compute this layer's shape."""
+        algo = K.ALGORITHMS.get(self.algorithm) if isinstance(self.algorithm, str) else None
+        if algo is None:
+            raise ValueError(f"{self.name}: algorithm must be one of {self.ALGORITHMS}, got {self.algorithm!r}")
+        if not algo.supports(self.kernel_size, self.stride):
+            (KH, KW), (SH, SW) = self.kernel_size, self.stride
+            raise ValueError(f"{self.name}: algorithm {algo.name!r} ({algo.title}) computes {algo.limits}; "
+                             f"this layer has a {KH}x{KW} kernel with stride ({SH}, {SW}): use algorithm 'gemm'")
+        return algo
+
+    def _input_channels(self, input_shape):
+        """(C, H, W) of one image, checked against in_channels."""
+        if len(input_shape) != 3:
+            raise ValueError(f"{self.name}: expected an input shape (C, H, W), got {tuple(input_shape)}")
+        C, H, W = input_shape
+        if C != self.in_channels:
+            raise ValueError(f"{self.name}: expected {self.in_channels} input channels, got {C} "
+                             f"(input shape {tuple(input_shape)})")
+        return C, H, W
+
+    def _saved_for(self, gy):
+        """What forward saved, once ``gy`` is known to be the gradient of what it returned (shape and dtype)."""
+        s = self._need("_saved")
+        if tuple(gy.shape) != s.y_shape:
+            raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
+                             f"expected the forward output's {s.y_shape}")
+        if gy.dtype != self.dtype:
+            raise TypeError(f"{self.name}: backward got a {gy.dtype} gradient, expected {self.dtype} as the "
+                            "forward output")
+        return s
+
+    def describe(self) -> str:
+        """The layer in summary()'s "layer" column: its class, and its groups where it has more than one."""
+        return self.name if self.groups == 1 else f"{self.name}(groups={self.groups})"
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "bias": self.bias, "dtype": self.dtype.name,
+                # a callable initialiser cannot be saved; a loaded model's weights replace it anyway
+                "init": self.init if isinstance(self.init, str) else "default",
+                # only when not the default, so checkpoints written before these existed still match
+                **({"groups": self.groups} if self.groups != 1 else {}),
+                **({"algorithm": self.algorithm} if self.algorithm != "gemm" else {})}
+
+
+class Conv2D(ConvLayer):
+    """``y = conv(x, weight) + bias``: weight (out_channels, in_channels // groups, KH, KW), bias (out_channels,).
 
     ``kernel_size``, ``stride`` and ``padding`` are an int or an (H, W) pair; padding is zeros. Output size
     per axis: O = floor((W - K + 2P) / S) + 1. Set ``needs_input_grad = False`` on a network's first layer:
     backward then skips the input gradient (nothing upstream wants it) and returns None.
+
+    ``groups``: G independent convolutions side by side (AlexNet's two towers, Krizhevsky et al. 2012): input
+    channels g*C/G .. (g+1)*C/G make output channels g*Cout/G .. (g+1)*Cout/G; G times fewer weights and
+    multiply-adds. Both channel counts must be multiples of G; the same result as PyTorch's ``groups``.
 
     ``algorithm``: "gemm" (im2col + GEMM, any shape) or "winograd" (F(2x2, 3x3): 3x3 kernels with stride 1
     only; 4 multiplications per output and channel instead of 9, see gpucnn.kernels.winograd). Both give the
@@ -36,7 +138,6 @@ class Conv2D(Layer):
     gpucnn.kernels.conv.ALGORITHMS, which forward and backward call.
     """
 
-    ALGORITHMS = tuple(K.ALGORITHMS)
     # Bytes. In a training step on the GPU path, forward's lowered input (im2col's matrix; Winograd's V) is
     # kept for backward's weight gradient only when it is at most this large; a larger one is released at
     # once and backward lowers the input again (one more launch, a pass over memory). Kept, every layer's
@@ -44,69 +145,22 @@ class Conv2D(Layer):
     # the workspace holds one at a time. LeNet-5's (20 MiB at batch 256) stay. 0: always recompute.
     RECOMPUTE_ABOVE = 64 * 2 ** 20
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
-                 dtype="float32", init="default", rng=None, algorithm: str = "gemm"):
-        super().__init__()
-        for what, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise TypeError(f"Conv2D: {what} must be an int, got {v!r}")
-            if v < 1:
-                raise ValueError(f"Conv2D: {what} must be positive, got {v}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = pair(kernel_size, "kernel_size", "Conv2D")
-        self.stride = pair(stride, "stride", "Conv2D")
-        self.padding = pair(padding, "padding", "Conv2D")
-        if min(self.kernel_size) < 1:
-            raise ValueError(f"Conv2D: kernel_size must be positive, got {kernel_size!r}")
-        if min(self.stride) < 1:
-            raise ValueError(f"Conv2D: stride must be positive, got {stride!r}")
-        if min(self.padding) < 0:
-            raise ValueError(f"Conv2D: padding must be zero or positive, got {padding!r}")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"Conv2D: dtype must be float32 or float64, got {self.dtype.name}")
-        self.bias = bool(bias)
-        self.init = init
-        self.needs_input_grad = True
-        self.algorithm = algorithm
-        self._algorithm()
-
-        KH, KW = self.kernel_size
-        fan_in = self.in_channels * KH * KW
-        self.params["weight"] = init_uniform((self.out_channels, self.in_channels, KH, KW), fan_in,
-                                             self.dtype, rng, init)
-        if self.bias:
-            self.params["bias"] = init_uniform((self.out_channels,), fan_in, self.dtype, rng, init)
-        self.grads = {k: None for k in self.params}
-        self._saved = None          # forward's _Forward, what backward reads
-
     @property
     def switches(self):
         """Max pooling's argmax when forward computed a MaxPool2D in its epilogue (a deconvnet reads them)."""
         return self._saved.switches if self._saved is not None else None
 
-    def _algorithm(self):
-        """The algorithm object ``self.algorithm`` names, once it is known to compute this layer's shape."""
-        algo = K.ALGORITHMS.get(self.algorithm) if isinstance(self.algorithm, str) else None
-        if algo is None:
-            raise ValueError(f"Conv2D: algorithm must be one of {self.ALGORITHMS}, got {self.algorithm!r}")
-        if not algo.supports(self.kernel_size, self.stride):
-            (KH, KW), (SH, SW) = self.kernel_size, self.stride
-            raise ValueError(f"Conv2D: algorithm {algo.name!r} ({algo.title}) computes {algo.limits}; "
-                             f"this layer has a {KH}x{KW} kernel with stride ({SH}, {SW}): use algorithm 'gemm'")
-        return algo
-
     def output_shape(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f"Conv2D: expected an input shape (C, H, W), got {tuple(input_shape)}")
-        C, H, W = input_shape
-        if C != self.in_channels:
-            raise ValueError(f"Conv2D: expected {self.in_channels} input channels, got {C} "
-                             f"(input shape {tuple(input_shape)})")
+        _, H, W = self._input_channels(input_shape)
         (KH, KW), (SH, SW), (PH, PW) = self.kernel_size, self.stride, self.padding
         OH = conv_output_size("Conv2D", H, KH, SH, PH, "height")
         OW = conv_output_size("Conv2D", W, KW, SW, PW, "width")
         return (self.out_channels, OH, OW)
+
+    def macs(self, input_shape) -> int:
+        """Every weight once per output position: weight.size * OH * OW."""
+        _, OH, OW = self.output_shape(input_shape)
+        return int(np.prod(self._weight_shape())) * OH * OW
 
     def forward(self, x, training=True, activation=None, pool=None):
         """The convolution of x (N, C, H, W). A Sequential passes the activation layer that follows (and the
@@ -118,7 +172,7 @@ class Conv2D(Layer):
         out = self.output_shape(tuple(x.shape[1:]))
         kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
         b = self.params.get("bias")
-        z, conv = self._algorithm().forward(x, w, self.stride, self.padding)
+        z, conv = self._algorithm().forward(x, w, self.stride, self.padding, self.groups)
         if backend.in_workspace() and backend.on_gpu(x) and conv.lowered.nbytes > self.RECOMPUTE_ABOVE:
             conv.drop(x)                            # backward makes it again from x (see RECOMPUTE_ABOVE)
         if pool is None:
@@ -134,12 +188,7 @@ class Conv2D(Layer):
         return y
 
     def backward(self, gy):
-        s = self._need("_saved")
-        if tuple(gy.shape) != s.y_shape:
-            raise ValueError(f"Conv2D: backward got a gradient of shape {tuple(gy.shape)}, "
-                             f"expected the forward output's {s.y_shape}")
-        if gy.dtype != self.dtype:
-            raise TypeError(f"Conv2D: backward got a {gy.dtype} gradient, expected {self.dtype} as the forward output")
+        s = self._saved_for(gy)
         s.conv.relower()                # forward's lowered input, made again from x if forward dropped it
         kind, slope = s.act
         gb_out = self._grad_out("bias", gy) if self.bias else None
@@ -159,12 +208,3 @@ class Conv2D(Layer):
         # input itself, im2col's matrix or Winograd's V, was released by grad_weight after it read it)
         backend.release(gz, *s.conv.extra, s.a, s.switches)
         return gx
-
-    def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
-                "bias": self.bias, "dtype": self.dtype.name,
-                # a callable initialiser cannot be saved; a loaded model's weights replace it anyway
-                "init": self.init if isinstance(self.init, str) else "default",
-                # only when not the default, so checkpoints written before the switch existed still match
-                **({"algorithm": self.algorithm} if self.algorithm != "gemm" else {})}

@@ -51,6 +51,11 @@ class Dense(Layer):
                              f"(input shape {tuple(input_shape)})")
         return (self.out_features,)
 
+    def macs(self, input_shape) -> int:
+        """Multiply-adds of the weights for one sample (no bias): in_features * out_features."""
+        self.output_shape(input_shape)
+        return self.in_features * self.out_features
+
     def forward(self, x, training=True, activation=None):
         """x W^T + b for x (N, in_features). A Sequential passes the activation layer that follows, to apply
         it in the bias kernel; backward then takes the gradient of the activation's output."""
