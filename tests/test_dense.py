@@ -180,8 +180,10 @@ def test_bias_grad_kernel_compiles_for_a_real_gpu_in_the_input_dtype():
         import gpucnn.kernels.dense as D
         D.cuda = cuda
         f32, a2 = types.float32, types.Array(types.float32, 2, "C")
-        # (gy, y, gz, gb, kind, slope, write_gz): the bias gradient fused with the activation's backward
-        sigs = {D._bias_grad_kernel: (a2, a2, a2, types.Array(f32, 1, "C"), types.int64, f32, types.boolean)}
+        # (gy, y, gz, gb, partials, tickets, kind, slope, write_gz): the bias gradient fused with the activation's
+        # backward, over many blocks (gpucnn.kernels.reduce)
+        sigs = {D._bias_grad_kernel: (a2, a2, a2, types.Array(f32, 1, "C"), a2, types.Array(types.int32, 1, "C"),
+                                      types.int64, f32, types.boolean)}
     """, timeout=300)
 
 
