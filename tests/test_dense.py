@@ -203,7 +203,7 @@ def test_sim_forward_matches_cpu(activation, dtype, rng):
 
 @pytest.mark.sim
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("n, out", [(3, 4), (1, 130)])    # 130 features: two thread blocks
+@pytest.mark.parametrize("n, out", [(3, 4), (1, 130), (9, 70)])    # 130 features: 5 tiles of 32; 9 rows: 2 chunks
 def test_sim_backward_matches_cpu(n, out, dtype, rng):
     x, w, gy = (rng.standard_normal(s).astype(dtype) for s in [(n, 5), (out, 5), (n, out)])
     got = K.dense_backward(x, w, gy)
