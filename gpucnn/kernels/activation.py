@@ -303,8 +303,8 @@ def _reduce(kernel, channels, per_channel, like, arrays, scalars):
     _pool_act_bias_grad_kernel 80 to 94 registers a thread: 1,024 failed on an H200, 256 leave room), many blocks
     a channel (reduce.split): LeNet's first layer has 6 channels of 200,000 values at batch 256."""
     threads, chunks = reduction_grid(per_channel, channels)
-    launch_reduction(kernel, arrays, scalars, (channels, chunks, like.dtype), channels, like, threads, channels * chunks,
-                     threads * like.itemsize)
+    launch_reduction(kernel, arrays, scalars, (channels, chunks, like.dtype), channels, like, threads,
+                     channels * chunks, threads * like.itemsize)
 
 
 def activation_bias_backward(gy, y, kind: str = "identity", slope: float = 0.01, layout: str = "same",

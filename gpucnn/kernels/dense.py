@@ -101,8 +101,8 @@ def _activation_bias_backward(gy, y, kind, slope, need_gb, gb_out):
         rows = 2 if backend.sim_sized() else 8         # a block: 32 features by 8 rows (2 on "sim": Python threads)
         chunks = split(N, tiles, rows, gy.size)
         launch_reduction(_bias_grad_kernel, (gy, gy if y is None or not write_gz else y, gz, gb),
-                         (activation.code, gy.dtype.type(slope), write_gz), (tiles * _LANES, chunks, gy.dtype), tiles, gy,
-                         rows * _LANES, tiles * chunks, rows * _LANES * gy.itemsize)
+                         (activation.code, gy.dtype.type(slope), write_gz), (tiles * _LANES, chunks, gy.dtype),
+                         tiles, gy, rows * _LANES, tiles * chunks, rows * _LANES * gy.itemsize)
         return gz, (gb if need_gb else None)
     gz = gy if kind == "identity" else activation.numpy_grad(gy, y, slope, np.empty_like(gy))
     return gz, (gz.sum(axis=0, out=gb_out) if need_gb else None)

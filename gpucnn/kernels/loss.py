@@ -347,8 +347,8 @@ def tally(value, logits, labels, acc):
     n, c = logits.shape
     if on_gpu(logits):
         group, threads, _, blocks = _row_grid(n, c, False)
-        launch_reduction(_tally_kernel, (value.reshape(1), logits, labels, acc), (group, float(n)), (2, blocks, np.float64),
-                         2, logits, threads, blocks, 2 * threads * 8)
+        launch_reduction(_tally_kernel, (value.reshape(1), logits, labels, acc), (group, float(n)),
+                         (2, blocks, np.float64), 2, logits, threads, blocks, 2 * threads * 8)
         return acc
     bad = (labels < 0) | (labels >= c)
     acc[0] += float(value) * n

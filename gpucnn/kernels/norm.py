@@ -302,7 +302,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float, mom
         mean = empty((C,), x.dtype, x)
         threads, chunks = reduction_grid(N * H * W, C, _BLOCK)
         launch_reduction(_bn_stats_kernel, (x.reshape(N, C, H * W), mean, inv_std, running_mean, running_var),
-                         (float(eps), float(momentum)), (2 * C, chunks, np.float64), C, x, threads, C * chunks, threads * 8)
+                         (float(eps), float(momentum)), (2 * C, chunks, np.float64), C, x, threads, C * chunks,
+                         threads * 8)
     else:
         mean = running_mean
         _bn_inv_std_k(running_var, eps, inv_std)
