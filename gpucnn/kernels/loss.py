@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, on_gpu, to_numpy, xp
+from ..backend import cuda, gpu_device, gpu_kernel, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
 from .pool import max_wins
 from .reduce import (LARGE, MAX_PER_THREAD, MIN_BLOCKS, block_reduce, block_sum, filling_threads, grid_sums, grid_total,
@@ -79,6 +79,17 @@ _PER_LANE = 16          # columns a lane takes at least before a row gets more l
 _MAX_GROUP = 32
 
 
+@gpu_device
+def _unit(group):
+    """(t, threads, units, u, lane, unit) of this thread in a row kernel of ``group`` lanes a unit: its index in
+    the block, the block's size and units, its unit u in the block (lane l of unit u is thread l * units + u), its
+    lane, and its unit's index in the grid."""
+    t = cuda.threadIdx.x
+    units = cuda.blockDim.x // group
+    u = t % units
+    return t, cuda.blockDim.x, units, u, t // units, cuda.blockIdx.x * units + u
+
+
 @gpu_kernel
 def _softmax_kernel(logits, labels, out, value, partials, tickets, with_loss, group, chunks, inv_n):
     """Softmax of each row of logits (N, C) into out; with ``with_loss`` the cross-entropy too: out = (softmax(z) -
@@ -87,14 +98,10 @@ def _softmax_kernel(logits, labels, out, value, partials, tickets, with_loss, gr
     exponentials (float64) over the whole row (trees in shared memory), then the chunk's columns. The row losses
     (lane 0 of chunk 0) are summed by reduce.grid_sums: loss, gradient and mean in one launch. A label outside
     [0, C) is never used as an index: its row's loss and gradient are NaN."""
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    units = threads // group
-    u = t % units
-    lane = t // units
+    t, threads, units, u, lane, unit = _unit(group)
     n_rows, n_classes = logits.shape
-    row = (cuda.blockIdx.x * units + u) // chunks
-    chunk = (cuda.blockIdx.x * units + u) % chunks
+    row = unit // chunks
+    chunk = unit - row * chunks
     active = row < n_rows
     part = cuda.shared.array(0, dtype=partials.dtype)      # float64, a value per thread
     m = logits.dtype.type(-math.inf)
@@ -139,13 +146,8 @@ def _tally_kernel(value, logits, labels, acc, partials, tickets, group, weight):
     last is the device flag a replayed step raises on when fit reads the sums back. A unit of ``group`` lanes a
     row finds its argmax (a tree: the larger value, a NaN first as NumPy's argmax, the first column on a tie);
     the hits and the bad labels are two reduce.grid_sums."""
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    units = threads // group
-    u = t % units
-    lane = t // units
+    t, threads, units, u, lane, row = _unit(group)
     n_rows, n_classes = logits.shape
-    row = cuda.blockIdx.x * units + u
     part = cuda.shared.array(0, dtype=partials.dtype)      # float64: 2 * threads
     best = part[:threads]
     arg = part[threads:]
