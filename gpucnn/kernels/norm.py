@@ -171,7 +171,7 @@ def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, partials, tick
     if t == 0:
         partials[c, chunk] = total
         partials[C + c, chunk] = part[0]
-    if not last_to_arrive(t, tickets, c, chunks):
+    if not last_to_arrive(part, t, tickets, c, chunks):
         return
     sum_partials(part, t, threads, 1, partials, c, chunks)
     mu = part[0] / M

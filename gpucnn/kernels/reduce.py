@@ -66,18 +66,19 @@ def chunk_of(values, segments):
 
 
 @gpu_device
-def last_to_arrive(t, tickets, segment, chunks):
-    """Every thread of a block calls it once its block has written its partials of ``segment``: True (in every
-    thread) in the block that finishes the segment last of its ``chunks`` blocks, which then resets the ticket to
-    zero for the next launch. The fences make the partials of every block visible to the last one (the pattern of
-    CUDA's threadFenceReduction sample and of a cooperative grid sync)."""
-    flag = cuda.shared.array(1, np.int32)
+def last_to_arrive(partial, t, tickets, segment, chunks):
+    """Every thread of a block calls it once its block has written its partials of ``segment`` (and read what it
+    needs of the shared ``partial``, whose first element carries the answer): True (in every thread) in the block
+    that finishes the segment last of its ``chunks`` blocks, which then resets the ticket to zero for the next
+    launch. The fences make the partials of every block visible to the last one (the pattern of CUDA's
+    threadFenceReduction sample and of a cooperative grid sync). No static shared array: Numba's simulator makes
+    those without a lock, and threads leaving a barrier together could each get their own."""
     cuda.threadfence()              # this thread's partials reach the GPU's memory before the ticket is taken
     cuda.syncthreads()
     if t == 0:
-        flag[0] = 1 if cuda.atomic.add(tickets, segment, 1) == chunks - 1 else 0
+        partial[0] = 1 if cuda.atomic.add(tickets, segment, 1) == chunks - 1 else 0
     cuda.syncthreads()
-    last = flag[0] == 1
+    last = partial[0] == 1
     if last:
         cuda.threadfence()          # and the last block reads them after its ticket
         if t == 0:
@@ -106,7 +107,7 @@ def grid_sums(partial, t, threads, width, partials, tickets, tile, chunk, chunks
     block_reduce(partial, t, threads, width, False)
     if t < width:
         partials[tile * width + t, chunk] = partial[t]
-    if not last_to_arrive(t, tickets, tile, chunks):
+    if not last_to_arrive(partial, t, tickets, tile, chunks):
         return False
     sum_partials(partial, t, threads, width, partials, tile * width, chunks)
     return True
