@@ -87,6 +87,27 @@ def test_sim_bias_activation(kind, rng):
     assert_close(out, ref, "float32", f"bias+{kind}")
 
 
+@pytest.mark.sim
+@pytest.mark.parametrize("layout", ["same", "gemm"])
+def test_sim_bias_gradient_over_many_blocks_is_deterministic(layout, rng):
+    """The bias gradient of a channel is summed by several blocks, each a chunk, their partial sums added by the
+    channel's last block (gpucnn.kernels.reduce): the CPU's sums within rounding, the same bits every run, and the
+    ticket counters back at zero after each launch."""
+    from gpucnn.kernels import reduce
+    from gpucnn.profile import record_launches
+    gy = rng.standard_normal((3, 4, 20)).astype(np.float32)
+    y = np.tanh(rng.standard_normal(gy.shape)).astype(np.float32)
+    with record_launches() as log:
+        runs = [K.activation_bias_backward(gy, y, "tanh", layout=layout) for _ in range(2)]
+    assert [r.blocks for r in log] == [8, 8]            # 4 channels, 2 blocks each
+    assert not reduce.tickets(8, gy).any()
+    with backend.cpu_path():
+        gz_ref, gb_ref = K.activation_bias_backward(gy, y, "tanh", layout=layout)
+    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][0], runs[1][0])
+    assert_close(runs[0][0], gz_ref, "float32", "gz")
+    assert_close(runs[0][1], gb_ref, "float32", "gb")
+
+
 # ------------------------------------------------------------------------------------------------ a new activation
 # Softplus, log(1 + exp(x)), written once: its C for the ElementwiseKernels, its Numba device functions for the
 # fused kernels, its NumPy functions for the CPU. Its derivative is sigmoid(x) = 1 - exp(-y), read from the output.

@@ -180,8 +180,10 @@ def test_bias_grad_kernel_compiles_for_a_real_gpu_in_the_input_dtype():
         import gpucnn.kernels.dense as D
         D.cuda = cuda
         f32, a2 = types.float32, types.Array(types.float32, 2, "C")
-        # (gy, y, gz, gb, kind, slope, write_gz): the bias gradient fused with the activation's backward
-        sigs = {D._bias_grad_kernel: (a2, a2, a2, types.Array(f32, 1, "C"), types.int64, f32, types.boolean)}
+        # (gy, y, gz, gb, partials, tickets, kind, slope, write_gz): the bias gradient fused with the activation's
+        # backward, over many blocks (gpucnn.kernels.reduce)
+        sigs = {D._bias_grad_kernel: (a2, a2, a2, types.Array(f32, 1, "C"), a2, types.Array(types.int32, 1, "C"),
+                                      types.int64, f32, types.boolean)}
     """, timeout=300)
 
 
@@ -201,7 +203,7 @@ def test_sim_forward_matches_cpu(activation, dtype, rng):
 
 @pytest.mark.sim
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("n, out", [(3, 4), (1, 130)])    # 130 features: two thread blocks
+@pytest.mark.parametrize("n, out", [(3, 4), (1, 130), (9, 70)])    # 130 features: 5 tiles of 32; 9 rows: 2 chunks
 def test_sim_backward_matches_cpu(n, out, dtype, rng):
     x, w, gy = (rng.standard_normal(s).astype(dtype) for s in [(n, 5), (out, 5), (n, out)])
     got = K.dense_backward(x, w, gy)

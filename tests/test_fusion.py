@@ -349,9 +349,11 @@ def test_epilogue_kernels_compile_for_a_real_gpu_in_the_input_dtype():
         sigs = {A._bias_act_nchw_kernel: (a(f32, 3), a(f32, 1), a(f32, 3), i64, f32, b1),
                 A._bias_act_pool_kernel: (a(f32, 4), a(f32, 1), a(f32, 4), a(f32, 4), a(i32, 4), i64, f32, b1, b1)
                 + (i64,) * 6,
-                A._act_bias_grad_kernel: (a(f32, 3), a(f32, 3), a(f32, 3), a(f32, 1), i64, f32, b1, b1),
-                A._pool_act_bias_grad_kernel: (a(f32, 4), a(i32, 4), a(f32, 4), a(f32, 4), a(f32, 1), i64, f32, b1)
-                + (i64,) * 6,
+                # (..., gb, partials, tickets, ...): the bias gradient over many blocks a channel (kernels.reduce)
+                A._act_bias_grad_kernel: (a(f32, 3), a(f32, 3), a(f32, 3), a(f32, 1), a(f32, 2), a(i32, 1), i64, f32,
+                                          b1, b1),
+                A._pool_act_bias_grad_kernel: (a(f32, 4), a(i32, 4), a(f32, 4), a(f32, 4), a(f32, 1), a(f32, 2),
+                                               a(i32, 1), i64, f32, b1) + (i64,) * 6,
                 C._im2col_kernel: (a(f32, 4), a(f32, 6)) + (i64,) * 4,
                 C._col2im_kernel: (a(f32, 6), a(f32, 4)) + (i64,) * 4}
     """)

@@ -407,8 +407,9 @@ def test_a_block_too_large_for_the_kernels_registers_is_a_clear_error():
     a = gpucnn.asarray(np.zeros((4, 2, 2, 2), np.float32))
     try:
         backend.launch(KA._pool_act_bias_grad_kernel, 4 * 2048, a.reshape(2, 2, 2, 2), a.astype(np.int32),
-                       a, a.copy(), gpucnn.asarray(np.zeros(4, np.float32)), 0, np.float32(0.0), True, 2, 2, 2, 2, 0,
-                       0, threads=2048, shared_bytes=2048 * 4)
+                       a, a.copy(), gpucnn.asarray(np.zeros(4, np.float32)),
+                       gpucnn.asarray(np.zeros((4, 1), np.float32)), gpucnn.asarray(np.zeros(4, np.int32)), 0,
+                       np.float32(0.0), True, 2, 2, 2, 2, 0, 0, threads=2048, shared_bytes=2048 * 4)
     except backend.LaunchError as e:
         spec_limit = str(e)
     assert spec_limit and "registers per thread" in spec_limit, spec_limit

@@ -1,4 +1,5 @@
-"""Every Numba launch gpucnn makes must fit a real GPU's per-block limits (registers, threads, shared memory).
+"""Every Numba launch gpucnn makes must fit a real GPU's per-block limits (registers, threads, shared memory), and
+fill it (the fill rule below).
 
 The simulator cannot tell: on an H200, _pool_act_bias_grad_kernel (80 registers per thread) launched with 1,024
 threads failed with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES. gpucnn.kernel_report records every launch of real-size
@@ -9,6 +10,7 @@ The first tests check the check itself, on made-up launches.
 import pytest
 
 from gpucnn import kernel_report as kr
+from gpucnn.kernels import reduce
 
 SM90 = kr.ARCHS["sm_90"]
 
@@ -86,9 +88,15 @@ def test_a_recorded_1024_thread_launch_is_reported():
 
 
 @pytest.fixture(scope="module")
-def report():
+def launches():
+    """Every distinct launch of gpucnn.kernel_scenarios' runs, recorded once (a subprocess on "sim", seconds)."""
+    return kr.record_elsewhere()
+
+
+@pytest.fixture(scope="module")
+def report(launches):
     try:
-        return kr.collect()
+        return kr.collect(launches=launches)
     except kr.ToolMissing as e:
         pytest.skip(f"cannot compile kernels for a real GPU here: {e}")
 
@@ -128,7 +136,7 @@ def test_one_ptx_serves_every_architecture(report):
 
 
 def test_every_kernel_is_recorded(report):
-    # a kernel no scenario launches would escape the check: add a scenario to kernel_report.SCENARIOS
+    # a kernel no scenario launches would escape the check: add a scenario to kernel_scenarios.SCENARIOS
     launched = {r["kernel"] for r in report.launches}
     assert set(kr.all_kernels()) - launched == set()
 
@@ -138,3 +146,42 @@ def test_launches_are_sized_as_on_cuda(report):
     for kernel in ("conv._col2im_tiled_kernel", "conv._im2col_tiled_kernel", "activation._pool_act_bias_grad_kernel"):
         threads = [r["threads"] for r in report.launches if r["kernel"] == kernel]
         assert threads and min(threads) >= 32, (kernel, threads)
+
+
+# --------------------------------------------------------------------------------------------- the fill rule
+# On an H200 (132 SMs) a conv bias gradient on 6 blocks took 1,462 us and a dense one on ONE block 82-127 us: a launch
+# that leaves most SMs idle turns microseconds of memory traffic into milliseconds. The rule, stated here on its own:
+# (a) a launch whose largest array has at least 2**16 elements uses at least 264 blocks (2 per SM on 132 SMs);
+# (b) no launch leaves more than 64 elements of its largest array to a thread.
+
+def starving(launches) -> list:
+    """The launches (record()'s dicts) that break the fill rule."""
+    return [r for r in launches if (r["largest"] >= 2 ** 16 and r["blocks"] < 264)
+            or r["largest"] > 64 * r["blocks"] * r["threads"]]
+
+
+def test_the_fill_rule_finds_what_the_h200_found():
+    h200 = [{"kernel": "activation._pool_act_bias_grad_kernel", "blocks": 6, "threads": 512, "largest": 4816896},
+            {"kernel": "dense._bias_grad_kernel", "blocks": 1, "threads": 128, "largest": 30720},      # (b) only
+            {"kernel": "ok", "blocks": 264, "threads": 256, "largest": 4325376},                     # 64 a thread
+            {"kernel": "small", "blocks": 1, "threads": 64, "largest": 4096}]
+    assert [r["kernel"] for r in starving(h200)] == ["activation._pool_act_bias_grad_kernel", "dense._bias_grad_kernel"]
+
+
+def test_every_launch_fills_the_gpu(launches):
+    bad = starving(launches)
+    assert not bad, f"{len(bad)} launch(es) break the fill rule (264 blocks from 2**16 elements, 64 a thread):\n" + \
+        "\n".join(f"{r['kernel']}: {r['blocks']:,} blocks x {r['threads']} threads, largest array {r['largest']:,} "
+                  f"elements ({r['largest'] / (r['blocks'] * r['threads']):.0f} a thread), in {r['scenario']}"
+                  for r in bad)
+
+
+@pytest.mark.parametrize("segments", [1, 3, 6, 16, 96, 264, 4096])
+@pytest.mark.parametrize("per_segment", [1, 7, 100, 1000, 10 ** 4, 65536, 200704, 10 ** 6, 3 * 10 ** 7])
+def test_reduction_sizes_keep_the_rule(per_segment, segments):
+    # gpucnn.kernels.reduce sizes every sum: whatever the shape, its grid keeps the rule and each block has values
+    threads, chunks = reduce.reduction_grid(per_segment, segments)
+    blocks = segments * chunks
+    assert not starving([{"largest": per_segment * segments, "blocks": blocks, "threads": threads}])
+    assert reduce.fills(per_segment * segments, blocks, threads)
+    assert threads & (threads - 1) == 0 and 32 <= threads <= 256 and (chunks - 1) * threads < per_segment

@@ -91,51 +91,40 @@ def test_xent_keeps_dtype(dtype, label_dtype, rng):
 # ---------------------------------------------------------------------------- against PyTorch
 
 
+def against_torch(loss, name, x, target, dtype, what):
+    """Our ``loss``'s value and gradient on (x, target) against torch.nn.functional's ``name`` loss."""
+    torch = pytest.importorskip("torch")
+    value = loss.forward(x, target)
+    t = torch.tensor(x, requires_grad=True)
+    tl = getattr(torch.nn.functional, name)(t, torch.tensor(target))
+    tl.backward()
+    assert_close(value, tl.detach().numpy(), dtype, f"{what} forward")
+    assert_close(loss.backward(), t.grad.numpy(), dtype, f"{what} backward")
+    return value
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(8, 10), (1, 4)])
 def test_xent_against_torch(shape, dtype, rng):
     torch = pytest.importorskip("torch")
     z = (rng.standard_normal(shape) * 3).astype(dtype)
-    y = rng.integers(0, shape[1], shape[0])
-    loss = SoftmaxCrossEntropy()
-    value = loss.forward(z, y)
-    g = loss.backward()
-    t = torch.tensor(z, requires_grad=True)
-    tl = torch.nn.functional.cross_entropy(t, torch.tensor(y))
-    tl.backward()
-    assert_close(value, tl.detach().numpy(), dtype, "cross_entropy forward")
-    assert_close(g, t.grad.numpy(), dtype, "cross_entropy backward")
-    assert_close(K.softmax(z), torch.softmax(t, 1).detach().numpy(), dtype, "softmax")
+    against_torch(SoftmaxCrossEntropy(), "cross_entropy", z, rng.integers(0, shape[1], shape[0]), dtype,
+                  "cross_entropy")
+    assert_close(K.softmax(z), torch.softmax(torch.tensor(z), 1).numpy(), dtype, "softmax")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_xent_extreme_against_torch(dtype):
-    torch = pytest.importorskip("torch")
-    z = EXTREME.astype(dtype)
-    loss = SoftmaxCrossEntropy()
-    value = loss.forward(z, EXTREME_LABELS)
-    t = torch.tensor(z, requires_grad=True)
-    tl = torch.nn.functional.cross_entropy(t, torch.tensor(EXTREME_LABELS))
-    tl.backward()
-    assert_close(value, tl.detach().numpy(), dtype, "extreme cross_entropy forward")
-    assert_close(loss.backward(), t.grad.numpy(), dtype, "extreme cross_entropy backward")
+    against_torch(SoftmaxCrossEntropy(), "cross_entropy", EXTREME.astype(dtype), EXTREME_LABELS, dtype,
+                  "extreme cross_entropy")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(8, 3), (2, 3, 4, 4)])
 def test_mse_against_torch(shape, dtype, rng):
-    torch = pytest.importorskip("torch")
     p = rng.standard_normal(shape).astype(dtype)
     y = rng.standard_normal(shape).astype(dtype)
-    loss = MSE()
-    value = loss.forward(p, y)
-    g = loss.backward()
-    t = torch.tensor(p, requires_grad=True)
-    tl = torch.nn.functional.mse_loss(t, torch.tensor(y))
-    tl.backward()
-    assert value.dtype == np.dtype(dtype)
-    assert_close(value, tl.detach().numpy(), dtype, "mse forward")
-    assert_close(g, t.grad.numpy(), dtype, "mse backward")
+    assert against_torch(MSE(), "mse_loss", p, y, dtype, "mse").dtype == np.dtype(dtype)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -236,6 +225,53 @@ def _xent_sim_vs_cpu(z, y, dtype):
 def test_sim_xent_matches_cpu(shape, dtype, rng):
     z = (rng.standard_normal(shape) * 3).astype(dtype)
     _xent_sim_vs_cpu(z, rng.integers(0, shape[1], shape[0]), dtype)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7, 40), (3, 100), (33, 5)])
+def test_sim_xent_wide_rows_and_many_blocks(shape, dtype, rng):
+    """Rows of 40 and 100 classes take several lanes and two column chunks each (a unit's max and sum are trees in
+    shared memory); 33 rows take 17 blocks whose row losses the last block adds (gpucnn.kernels.reduce)."""
+    group, _, chunks, blocks = K._row_grid(*shape, True)
+    assert (group > 1 or blocks > 1) and chunks == 2, (group, chunks, blocks)
+    z = (rng.standard_normal(shape) * 3).astype(dtype)
+    _xent_sim_vs_cpu(z, rng.integers(0, shape[1], shape[0]), dtype)
+
+
+@pytest.mark.sim
+def test_sim_tally_matches_cpu(rng):
+    """The argmax of a row spread over lanes (a tree: the larger value, a NaN first, the first column on a tie) and
+    the hits and bad labels summed over blocks give the CPU's counts."""
+    z = rng.standard_normal((9, 40))
+    z[1, [3, 30]] = 9.0                     # a tie between lanes: the first column wins (label 3 hits)
+    z[2, [5, 20]] = np.nan                  # NaNs: the first one is the argmax (label 5 hits)
+    z[3] = -np.inf                          # all equal: column 0
+    y = z.argmax(axis=1)
+    y[[1, 2, 3]] = [3, 5, 0]
+    y[[6, 7]] = (y[[6, 7]] + 1) % 40         # misses
+    y[8] = 40                               # a bad label
+    assert K._row_grid(9, 40, False)[0] > 1
+    got, ref = np.zeros(3), np.zeros(3)
+    K.tally(np.float64(0.5), z, y, got)
+    with backend.cpu_path():
+        K.tally(np.float64(0.5), z, y, ref)
+    assert got.tolist() == ref.tolist() == [4.5, 6.0, 1.0]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("chunks, threads", [(5, 4), (3, 8), (1, 16)])
+def test_sim_sum_over_any_number_of_blocks(chunks, threads, rng):
+    """_sum_kernel over blocks of unequal chunks (37 values in 5 chunks of 8: the last has 5; in 3 chunks of 13)
+    equals the float64 sum, and every ticket is back at zero for the next launch."""
+    from gpucnn.kernels import reduce
+    v = rng.standard_normal(37)
+    out = np.zeros(1)
+    for _ in range(2):
+        reduce.launch_reduction(K._sum_kernel, (v, out), (0.5,), (1, chunks, np.float64), 1, v, threads, chunks,
+                                threads * 8)
+        assert_close(out[0], 0.5 * v.sum(), "float64", f"sum over {chunks} blocks")
+        assert not reduce.tickets(16, v).any()
 
 
 @pytest.mark.sim

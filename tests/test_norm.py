@@ -215,6 +215,27 @@ def test_sim_lrn_matches_cpu(size, dtype, rng):
 
 
 @pytest.mark.sim
+def test_sim_batchnorm_statistics_over_blocks_are_stable(rng):
+    """Each block's chunk keeps its own sum and squared deviations; the last block combines them (Chan, Golub and
+    LeVeque). Values 1e8 away from zero with a spread of 1 (a one-pass sum of squares, 1e16 each, would lose every
+    digit of the variance in float64) give NumPy's two-pass statistics, and two runs the same bits."""
+    from gpucnn.kernels import reduce
+    x = 1e8 + rng.standard_normal((3, 2, 5, 7))
+    runs = []
+    for _ in range(2):
+        stats = [np.zeros(2), np.ones(2)]
+        _, (_, inv_std) = K.batchnorm_forward(x, np.ones(2), np.zeros(2), *stats, 0.0, 1.0, True)
+        runs.append((inv_std, *stats))
+        assert not reduce.tickets(4, x).any()
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    M = x.size // 2
+    var = x.var(axis=(0, 2, 3))
+    assert_close(runs[0][1], x.mean(axis=(0, 2, 3)), "float64", "mean")
+    assert_close(runs[0][2], var * M / (M - 1), "float64", "running (unbiased) variance")
+    assert_close(runs[0][0], 1 / np.sqrt(var), "float64", "inv_std")
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("block", [None, 4])   # 4 threads a channel: each sums several values first

@@ -273,12 +273,10 @@ def test_kernels_compile_for_a_real_gpu_in_the_input_dtype():
     assert_compiles_for_a_real_gpu("""
         import gpucnn.kernels.pool as P
         P.cuda = cuda
-        f32, i32, i64 = types.float32, types.int32, types.int64
+        f32, i32, i64, b1 = types.float32, types.int32, types.int64, types.boolean
         a = lambda t: types.Array(t, 4, "C")
-        sigs = {P._maxpool2d_forward_kernel: (a(f32), a(f32), a(i32)) + (i64,) * 6,
-                P._maxpool2d_backward_kernel: (a(f32), a(i32), a(f32)) + (i64,) * 6,
-                P._avgpool2d_forward_kernel: (a(f32), a(f32)) + (i64,) * 6,
-                P._avgpool2d_backward_kernel: (a(f32), a(f32)) + (i64,) * 6}
+        sigs = {P._pool2d_forward_kernel: (a(f32), a(f32), a(i32), b1) + (i64,) * 6,
+                P._pool2d_backward_kernel: (a(f32), a(i32), a(f32), b1) + (i64,) * 6}
     """)
 
 

@@ -12,9 +12,10 @@ The epilogues of conv and dense layers live here too, because the activation is 
   ``bias_activation_pool`` (the same followed by max or average pooling, in one pass: conv -> act -> pool);
 * backward, ``activation_bias_backward`` and ``pool_activation_bias_backward``: the gradient through the
   pooling (if any) and the activation, written in the layout the weight-gradient GEMM wants, and summed
-  per channel into the bias gradient, all in one Numba kernel (a block per channel, a tree reduction in
-  shared memory: deterministic, no atomics). Dense layers use their own variant, a thread per feature
-  (gpucnn.kernels.dense), which suits an (N, F) gradient better.
+  per channel into the bias gradient, all in one Numba kernel (many blocks per channel, each a tree in shared
+  memory, the last block of a channel adding their partial sums: gpucnn.kernels.reduce; deterministic, no
+  atomic additions). Dense layers use their own variant (gpucnn.kernels.dense), features along the threads
+  of a warp, which suits an (N, F) gradient better.
 
 The pooling's window, tie-break and switch rules are gpucnn.kernels.pool's (its device functions and NumPy
 helpers). The fused backward reads the activation's *output* for every kind, which is why only kinds whose
@@ -28,8 +29,8 @@ from .. import backend
 from ..backend import cuda, gpu_kernel, launch, on_gpu, xp
 from . import pool as P
 from .activations import TABLE, act, act_grad, dispatching, get
-from .pool import covering, max_wins, window
-from .reduce import block_sum
+from .pool import gather, max_wins, window
+from .reduce import chunk_of, filling_threads, grid_sums, launch_reduction, reduction_grid
 
 KINDS = tuple(TABLE)            # the built-in kinds; gpucnn.kernels.activations.register adds more
 
@@ -97,18 +98,19 @@ def _bias_act_pool_kernel(z, b, a, p, switches, kind, slope, has_bias, is_max, K
 
 @dispatching
 @gpu_kernel
-def _act_bias_grad_kernel(gy, y, gz, gb, kind, slope, gemm_layout, write_gz):
-    """Block per channel c of gy, y (N, C, HW): gz = gy * act'(y), written as (N, C, HW) or, with
-    ``gemm_layout``, as a conv's (C, HW, N); gb[c] = the sum of gz over n and hw (a tree in shared memory)."""
-    c = cuda.blockIdx.x
+def _act_bias_grad_kernel(gy, y, gz, gb, partials, tickets, kind, slope, gemm_layout, write_gz):
+    """Blocks per channel c of gy, y (N, C, HW), each taking a chunk of its N*HW values: gz = gy * act'(y),
+    written as (N, C, HW) or, with ``gemm_layout``, as a conv's (C, HW, N); gb[c] = the sum of gz over n and hw
+    (reduce.grid_sums: a tree per block, the chunks' partials added by the last block, a fixed order)."""
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    N, HW = gy.shape[0], gy.shape[2]
+    N, C, HW = gy.shape
+    c, chunk, chunks, start, end = chunk_of(N * HW, C)
     zero = gy.dtype.type(0)
     one = gy.dtype.type(1)
     partial = cuda.shared.array(0, dtype=gy.dtype)
     acc = zero
-    for j in range(t, N * HW, threads):
+    for j in range(start + t, end, threads):
         if gemm_layout:         # j walks gz in its (hw, n) order: the writes are coalesced
             hw = j // N
             n = j - hw * N
@@ -123,49 +125,37 @@ def _act_bias_grad_kernel(gy, y, gz, gb, kind, slope, gemm_layout, write_gz):
                 gz[n, c, hw] = g
         acc += g
     partial[t] = acc
-    block_sum(partial, t, threads)
-    if t == 0:
+    if grid_sums(partial, t, threads, 1, partials, tickets, c, chunk, chunks) and t == 0:
         gb[c] = partial[0]
 
 
 @dispatching
 @gpu_kernel
-def _pool_act_bias_grad_kernel(gp, switches, a, gz, gb, kind, slope, is_max, KH, KW, SH, SW, PH, PW):
-    """Block per channel c: for every pre-pool position (h, w, n) of a (C, H, W, N), gather the pooled
-    gradient gp (N, C, OH, OW) of the windows that cover it (max: only where the switch names it; avg:
-    divided by KH*KW), times act'(a); write gz (C, H, W, N) and sum it per channel into gb[c]."""
-    c = cuda.blockIdx.x
+def _pool_act_bias_grad_kernel(gp, switches, a, gz, gb, partials, tickets, kind, slope, is_max, KH, KW, SH, SW, PH,
+                               PW):
+    """Blocks per channel c, each taking a chunk of its pre-pool positions (h, w, n) of a (C, H, W, N): gather the
+    pooled gradient gp (N, C, OH, OW) of the windows that cover it (max: only where the switch names it; avg:
+    divided by KH*KW), times act'(a); write gz (C, H, W, N) and sum it per channel into gb[c] (as
+    _act_bias_grad_kernel)."""
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    H, W, N = a.shape[1], a.shape[2], a.shape[3]
-    OH, OW = gp.shape[2], gp.shape[3]
+    C, H, W, N = a.shape
+    c, chunk, chunks, start, end = chunk_of(H * W * N, C)
     zero = a.dtype.type(0)
     one = a.dtype.type(1)
     partial = cuda.shared.array(0, dtype=a.dtype)
     acc = zero
-    for j in range(t, H * W * N, threads):
+    for j in range(start + t, end, threads):
         n = j % N
         w = (j // N) % W
         h = j // (N * W)
-        oh_start, oh_end = covering(h, SH, PH, KH, OH)
-        ow_start, ow_end = covering(w, SW, PW, KW, OW)
-        me = h * W + w
-        g = zero
-        covered = False
-        for oh in range(oh_start, oh_end):
-            for ow in range(ow_start, ow_end):
-                covered = True
-                if not is_max or switches[n, c, oh, ow] == me:
-                    g += gp[n, c, oh, ow]
-        if not is_max:
-            g = g / a.dtype.type(KH * KW)
+        g, covered = gather(gp, switches, n, c, h, w, W, is_max, KH, KW, SH, SW, PH, PW)
         if covered:             # forward wrote ``a`` only where a window reads it
             g = act_grad(kind, g, a[c, h, w, n], slope, zero, one)
         gz[c, h, w, n] = g
         acc += g
     partial[t] = acc
-    block_sum(partial, t, threads)
-    if t == 0:
+    if grid_sums(partial, t, threads, 1, partials, tickets, c, chunk, chunks) and t == 0:
         gb[c] = partial[0]
 
 
@@ -304,23 +294,17 @@ def bias_activation_pool(z, b, kind: str, slope: float, pool):
     switches = backend.empty((N, C, OH, OW), np.int32, z) if mode == "max" else _dummy(z, np.int32, 4)
     bias = _dummy(z, z.dtype, 1) if b is None else b
     launch(_bias_act_pool_kernel, p.size, z, bias, a, p, switches, activation.code, _typed(z, slope), b is not None,
-           mode == "max", KH, KW, SH, SW, PH, PW, grid_stride=True)
+           mode == "max", KH, KW, SH, SW, PH, PW, threads=filling_threads(p.size, z.size), grid_stride=True)
     return a, p, (switches if mode == "max" else None)
 
 
-# The largest block each reduction kernel may launch: a power of two (block_sum halves it) whose registers fit a
-# block's 65,536. ptxas gives _act_bias_grad_kernel 40 registers per thread, so 1,024 threads fit; it gives
-# _pool_act_bias_grad_kernel 80 (sm_90) to 94 (sm_75, sm_80), and a block of 1,024 threads allows at most 64
-# (on an H200 it failed with LAUNCH_OUT_OF_RESOURCES), so that one stops at 512. `gpucnn kernels` prints every kernel's
-# registers; tests/test_launch_resources.py checks every launch against them.
-_MAX_THREADS = {"_act_bias_grad_kernel": 1024, "_pool_act_bias_grad_kernel": 512}
-
-
-def _reduce(kernel, channels, per_channel, like, *args):
-    # a block per channel; a conv has few channels (6 in LeNet's first layer) and many values per channel
-    # (200,000 at batch 256), so the blocks are as large as the kernel's registers allow
-    threads = backend.reduction_threads(per_channel, cap=_MAX_THREADS[kernel.name])
-    launch(kernel, channels * threads, *args, threads=threads, shared_bytes=threads * like.itemsize)
+def _reduce(kernel, channels, per_channel, like, arrays, scalars):
+    """Launch a per-channel reduction kernel over blocks of 256 threads at most (ptxas gives
+    _pool_act_bias_grad_kernel 80 to 94 registers a thread: 1,024 failed on an H200, 256 leave room), many blocks
+    a channel (reduce.split): LeNet's first layer has 6 channels of 200,000 values at batch 256."""
+    threads, chunks = reduction_grid(per_channel, channels)
+    launch_reduction(kernel, arrays, scalars, (channels, chunks, like.dtype), channels, like, threads,
+                     channels * chunks, threads * like.itemsize)
 
 
 def activation_bias_backward(gy, y, kind: str = "identity", slope: float = 0.01, layout: str = "same",
@@ -351,8 +335,8 @@ def activation_bias_backward(gy, y, kind: str = "identity", slope: float = 0.01,
         gb = gb_out if (need_gb and gb_out is not None) else backend.empty((C,), gy.dtype, gy)
         y_ = gy if y is None or kind == "identity" else y
         gz3 = gz.reshape(C, HW, N) if layout == "gemm" else gz.reshape(N, C, HW)
-        _reduce(_act_bias_grad_kernel, C, N * HW, gy, gy.reshape(N, C, HW), y_.reshape(N, C, HW), gz3, gb,
-                activation.code, _typed(gy, slope), layout == "gemm", write_gz)
+        _reduce(_act_bias_grad_kernel, C, N * HW, gy, (gy.reshape(N, C, HW), y_.reshape(N, C, HW), gz3, gb),
+                (activation.code, _typed(gy, slope), layout == "gemm", write_gz))
         return gz, (gb if need_gb else None)
     if layout == "gemm":
         gz = np.empty((C,) + inner + (N,), dtype=gy.dtype)
@@ -382,8 +366,8 @@ def pool_activation_bias_backward(gp, switches, a, kind: str, slope: float, pool
         gz = backend.empty(a.shape, a.dtype, a)
         gb = gb_out if (need_gb and gb_out is not None) else backend.empty((C,), a.dtype, a)
         sw = switches if mode == "max" else _dummy(a, np.int32, 4)
-        _reduce(_pool_act_bias_grad_kernel, C, H * W * N, a, gp, sw, a, gz, gb, activation.code, _typed(a, slope),
-                mode == "max", KH, KW, SH, SW, PH, PW)
+        _reduce(_pool_act_bias_grad_kernel, C, H * W * N, a, (gp, sw, a, gz, gb),
+                (activation.code, _typed(a, slope), mode == "max", KH, KW, SH, SW, PH, PW))
         return gz, (gb if need_gb else None)
     gz, gb = _pool_act_bias_backward_cpu(gp, switches, a, kind, slope, mode, kernel, stride, padding)
     if gb_out is not None and need_gb:

@@ -35,6 +35,7 @@ from .. import backend
 from ..backend import cuda, gpu_device, gpu_kernel, launch, matmul, on_gpu, xp
 from . import mec
 from .activation import activation_bias_backward, bias_activation_nchw
+from .reduce import fills
 
 DATA_MOVEMENT = "tiled"     # "tiled" or "plain": the GPU's im2col/col2im kernels (see "GPU kernels")
 TILE = 32                   # images per tile (a warp along n), and columns per tile for a full batch
@@ -250,6 +251,8 @@ def _col2im_gpu(col, gx, SH, SW, PH, PW):
         launch(_col2im_kernel, gx.size, col, gx, SH, SW, PH, PW, grid_stride=True)
         return
     TN, TW = _tile(N, W)
+    while TW > 1 and not fills(col.size, C * H * -(-W // TW) * -(-N // TN), _block_threads(TN * TW)):
+        TW = (TW + 1) // 2      # narrower tiles, more blocks (AlexNet's conv2: 84 col entries a thread, then 42)
     blocks = _blocks(C * H * -(-W // TW) * -(-N // TN))
     threads = _block_threads(TN * TW)
     launch(_col2im_tiled_kernel, blocks * threads, col, gx, SH, SW, PH, PW, TN, TW,

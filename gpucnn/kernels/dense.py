@@ -2,44 +2,57 @@
 
 Forward is one GEMM and the bias add fused with the activation that follows (one elementwise launch,
 :func:`gpucnn.kernels.activation.bias_activation`). Backward is the activation's backward fused with the
-bias gradient gb = sum over the batch (one Numba kernel with a thread per output feature), then two
-GEMMs, gw = gz^T x and gx = gz W.
+bias gradient gb = sum over the batch (one Numba kernel), then two GEMMs, gw = gz^T x and gx = gz W.
 
 The bias gradient is our own kernel rather than a GEMM with a ones vector: it reads the gradient once
 either way (the work is memory-bound and tiny), it also applies the activation's derivative, it is our
 code that the "sim" tests run (a GEMM there is NumPy's), it sums in a fixed order (the same result every
-run), and it needs no ones vector to allocate and keep per batch size. A thread per feature (rather than
-conv's block per channel) because neighbouring features are neighbours in memory: each step of the
-threads' loops over the batch reads one row, coalesced, with no shared memory or synchronisation.
+run), and it needs no ones vector to allocate and keep per batch size. A block is 32 neighbouring features
+(a warp's lanes: each row's read is coalesced) by a few rows, and the batch is split into chunks of rows over
+many blocks (one block for the whole gradient took 82-127 us on an H200); the chunks' sums are added by the
+last block of each 32 features (gpucnn.kernels.reduce).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, launch, matmul, on_gpu
+from ..backend import cuda, gpu_kernel, matmul, on_gpu
 from .activation import activation_forward, bias_activation
 from .activations import act_grad, dispatching, get
+from .reduce import chunk_of, grid_sums, launch_reduction, split
+
+
+_LANES = 32         # features a block takes: a warp's lanes
 
 
 @dispatching
 @gpu_kernel
-def _bias_grad_kernel(gy, y, gz, gb, kind, slope, write_gz):
-    """Thread per feature f of gy, y (N, F): gz[:, f] = gy[:, f] * act'(y[:, f]) (``kind`` as in
-    gpucnn.kernels.activations, act' from the activation's output y) and gb[f] = its sum over the batch."""
-    f = cuda.grid(1)
+def _bias_grad_kernel(gy, y, gz, gb, partials, tickets, kind, slope, write_gz):
+    """Block (tile of 32 features, chunk of rows), thread (r, lane): for f = tile*32 + lane of gy, y (N, F) and
+    rows r, r + rows, ... of the chunk, gz[n, f] = gy[n, f] * act'(y[n, f]) (``kind`` as in
+    gpucnn.kernels.activations, act' from the activation's output y); gb[f] = the sum over the batch
+    (reduce.grid_sums: the rows of the block, then the chunks, in a fixed order)."""
+    t = cuda.threadIdx.x
+    threads = cuda.blockDim.x
     N, F = gy.shape
-    if f >= F:
-        return
+    tiles = (F + _LANES - 1) // _LANES
+    tile, chunk, chunks, start, end = chunk_of(N, tiles)
+    lane = t % _LANES
+    f = tile * _LANES + lane
     zero = gy.dtype.type(0)
     one = gy.dtype.type(1)
+    partial = cuda.shared.array(0, dtype=gy.dtype)
     acc = zero
-    for n in range(N):
-        g = act_grad(kind, gy[n, f], y[n, f], slope, zero, one)
-        if write_gz:
-            gz[n, f] = g
-        acc += g
-    gb[f] = acc
+    if f < F:
+        for n in range(start + t // _LANES, end, threads // _LANES):
+            g = act_grad(kind, gy[n, f], y[n, f], slope, zero, one)
+            if write_gz:
+                gz[n, f] = g
+            acc += g
+    partial[t] = acc
+    if grid_sums(partial, t, threads, _LANES, partials, tickets, tile, chunk, chunks) and t < _LANES and f < F:
+        gb[f] = partial[t]
 
 
 def _gemm(a, b, out=None):
@@ -83,8 +96,13 @@ def _activation_bias_backward(gy, y, kind, slope, need_gb, gb_out):
         write_gz = kind != "identity"
         gz = backend.empty(gy.shape, gy.dtype, gy) if write_gz else gy
         gb = gb_out if (need_gb and gb_out is not None) else backend.empty((gy.shape[1],), gy.dtype, gy)
-        launch(_bias_grad_kernel, gy.shape[1], gy, gy if y is None or not write_gz else y, gz, gb, activation.code,
-               gy.dtype.type(slope), write_gz)
+        N, F = gy.shape
+        tiles = -(-F // _LANES)
+        rows = 2 if backend.sim_sized() else 8         # a block: 32 features by 8 rows (2 on "sim": Python threads)
+        chunks = split(N, tiles, rows, gy.size)
+        launch_reduction(_bias_grad_kernel, (gy, gy if y is None or not write_gz else y, gz, gb),
+                         (activation.code, gy.dtype.type(slope), write_gz), (tiles * _LANES, chunks, gy.dtype),
+                         tiles, gy, rows * _LANES, tiles * chunks, rows * _LANES * gy.itemsize)
         return gz, (gb if need_gb else None)
     gz = gy if kind == "identity" else activation.numpy_grad(gy, y, slope, np.empty_like(gy))
     return gz, (gz.sum(axis=0, out=gb_out) if need_gb else None)

@@ -5,11 +5,11 @@ Cross-entropy of logits z (N, C) and integer labels y (N,), averaged over the ba
     L = 1/N sum_n [ log sum_k exp(z[n, k]) - z[n, y[n]] ]       dL/dz = (softmax(z) - onehot(y)) / N
 
 Both are computed from the row max m subtracted first (z - m <= 0), so exp never overflows and logits of
-+-1e4 give finite, exact results. GPU: ONE launch of one block: each thread computes the max, log-sum-exp,
-loss and gradient of its rows in a single pass, then the block sums the row losses in shared memory into
-the mean (on the device: no host copy, no sync). Beyond 8192 rows a thread per row and a second launch
-for the mean. ``tally`` adds a step's loss and correct predictions to fit's running sums, on the device.
-MSE: L = mean((p - t)^2), dL/dp = 2 (p - t) / size; GPU: ElementwiseKernels and the same block sum.
++-1e4 give finite, exact results. GPU: ONE launch for loss, gradient and mean (_softmax_kernel): a row (or a
+chunk of a wide row's columns) per unit of threads, as many blocks as fill the GPU, the row losses summed by
+gpucnn.kernels.reduce (each block a tree, the last block adding the blocks' sums: a fixed order, on the
+device, no host copy, no sync). ``tally`` adds a step's loss and correct predictions to fit's running sums,
+on the device. MSE: L = mean((p - t)^2), dL/dp = 2 (p - t) / size; GPU: ElementwiseKernels and one sum.
 
 Labels: a label outside [0, C) raises the same ValueError on every device. The CPU path checks on every
 call (free there). The GPU path checks with one device reduction and one host read of a boolean (a sync),
@@ -26,9 +26,11 @@ import math
 import numpy as np
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, launch, on_gpu, to_numpy, xp
+from ..backend import cuda, gpu_device, gpu_kernel, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
-from .reduce import block_sum
+from .pool import max_wins
+from .reduce import (LARGE, MAX_PER_THREAD, MIN_BLOCKS, block_reduce, block_sum, filling_threads, grid_sums, grid_total,
+                     launch_reduction, reduction_grid)
 
 # ---------------------------------------------------------------------------- label checks
 
@@ -67,138 +69,142 @@ def check_labels(y, num_classes: int, where: str, n: int | None = None):
 
 
 # ---------------------------------------------------------------------------- GPU: Numba kernels
+# A row kernel gives each row (or each (row, column chunk)) a unit of ``group`` threads, its lanes: a narrow row
+# (LeNet's 10 classes) is one thread's, a wide one (AlexNet's 1,000) is spread over lanes and, for the softmax,
+# over column chunks in other blocks, so that a large batch fills the GPU (_row_grid). Lane l of unit u is
+# thread l * units + u of its block: a unit's lanes reduce with reduce.block_reduce(width=units).
 
-_BLOCK = 128   # threads of the one block that sums row losses / squared errors (at most)
-_ONE_BLOCK_ROWS = 8192   # up to this batch the whole cross-entropy is one launch (64 rows per thread)
+_BLOCK = 128            # threads of the one block of _block_sum (gpucnn.kernels.coral's batch mean)
+_PER_LANE = 16          # columns a lane takes at least before a row gets more lanes
+_MAX_GROUP = 32
+
+
+@gpu_device
+def _unit(group):
+    """(t, threads, units, u, lane, unit) of this thread in a row kernel of ``group`` lanes a unit: its index in
+    the block, the block's size and units, its unit u in the block (lane l of unit u is thread l * units + u), its
+    lane, and its unit's index in the grid."""
+    t = cuda.threadIdx.x
+    units = cuda.blockDim.x // group
+    u = t % units
+    return t, cuda.blockDim.x, units, u, t // units, cuda.blockIdx.x * units + u
 
 
 @gpu_kernel
-def _softmax_xent_kernel(logits, labels, grad, out, n_rows, n_classes, inv_n):
-    """ONE block: each thread takes rows n = t, t + threads, ...: the row's loss logsumexp(z[n]) - z[n, y[n]]
-    and its gradient row (softmax(z[n]) - onehot) / N; then the block sums the row losses in shared memory
-    (float64, a fixed order: deterministic) and thread 0 writes the mean to out[0]. Loss, gradient and
-    mean in a single launch; a batch of thousands of rows is a few rows per thread."""
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    partial = cuda.shared.array(_BLOCK, np.float64)
+def _softmax_kernel(logits, labels, out, value, partials, tickets, with_loss, group, chunks, inv_n):
+    """Softmax of each row of logits (N, C) into out; with ``with_loss`` the cross-entropy too: out = (softmax(z) -
+    onehot(labels)) / N, its gradient, and value[0] = the batch mean of the rows' losses logsumexp(z[n]) - z[n,
+    y[n]]. A unit of ``group`` lanes takes one of ``chunks`` column chunks of a row: the row's max and its sum of
+    exponentials (float64) over the whole row (trees in shared memory), then the chunk's columns. The row losses
+    (lane 0 of chunk 0) are summed by reduce.grid_sums: loss, gradient and mean in one launch. A label outside
+    [0, C) is never used as an index: its row's loss and gradient are NaN."""
+    t, threads, units, u, lane, unit = _unit(group)
+    n_rows, n_classes = logits.shape
+    row = unit // chunks
+    chunk = unit - row * chunks
+    active = row < n_rows
+    part = cuda.shared.array(0, dtype=partials.dtype)      # float64, a value per thread
+    m = logits.dtype.type(-math.inf)
+    if active:
+        for k in range(lane, n_classes, group):
+            m = max(m, logits[row, k])
+    part[t] = m
+    block_reduce(part, t, threads, units, True)
+    m = logits.dtype.type(part[u])
+    cuda.syncthreads()          # every lane has read its row's max before the next tree
+    s = 0.0     # a double: the sum of C exponentials in full precision costs nothing next to the memory traffic
+    if active:
+        for k in range(lane, n_classes, group):
+            s += math.exp(logits[row, k] - m)
+    part[t] = s
+    block_reduce(part, t, threads, units, False)
+    s = part[u]
     total = 0.0
-    for n in range(t, n_rows, threads):
-        y = labels[n]
-        if y < 0 or y >= n_classes:
-            # never index with a bad label (that would read and write out of bounds): poison the row instead
-            total += math.nan
-            for k in range(n_classes):
-                grad[n, k] = math.nan
-            continue
-        m = logits[n, 0]
-        for k in range(1, n_classes):
-            m = max(m, logits[n, k])
-        s = 0.0   # a double: the sum of C exponentials in full precision costs nothing next to the memory traffic
-        for k in range(n_classes):
-            e = math.exp(logits[n, k] - m)
-            grad[n, k] = e
-            s += e
-        total += math.log(s) - (logits[n, y] - m)
-        scale = inv_n / s
-        for k in range(n_classes):
-            grad[n, k] *= scale
-        grad[n, y] -= inv_n
-    partial[t] = total
-    block_sum(partial, t, threads)
-    if t == 0:
-        out[0] = partial[0] * inv_n
+    if active:
+        y = labels[row] if with_loss else 0
+        bad = with_loss and (y < 0 or y >= n_classes)
+        scale = inv_n / s if with_loss else 1.0 / s
+        width = (n_classes + chunks - 1) // chunks
+        for k in range(chunk * width + lane, min(chunk * width + width, n_classes), group):
+            g = math.exp(logits[row, k] - m) * scale
+            if with_loss and k == y:
+                g -= inv_n
+            out[row, k] = math.nan if bad else g
+        if with_loss and chunk == 0 and lane == 0:
+            total = math.nan if bad else math.log(s) - (logits[row, y] - m)
+    if with_loss:
+        cuda.syncthreads()      # every lane has read its row's sum
+        part[t] = total
+        if grid_sums(part, t, threads, 1, partials, tickets, 0, cuda.blockIdx.x, cuda.gridDim.x) and t == 0:
+            value[0] = part[0] * inv_n
 
 
 @gpu_kernel
-def _softmax_xent_rows(logits, labels, row_loss, grad, n_rows, n_classes, inv_n):
-    """Thread per row n, for batches too large for one block: row_loss[n] and the gradient row; a
-    _block_sum launch then takes the mean."""
-    n = cuda.grid(1)
-    if n >= n_rows:
-        return
-    y = labels[n]
-    if y < 0 or y >= n_classes:
-        row_loss[n] = math.nan
-        for k in range(n_classes):
-            grad[n, k] = math.nan
-        return
-    m = logits[n, 0]
-    for k in range(1, n_classes):
-        m = max(m, logits[n, k])
-    s = 0.0
-    for k in range(n_classes):
-        e = math.exp(logits[n, k] - m)
-        grad[n, k] = e
-        s += e
-    row_loss[n] = math.log(s) - (logits[n, y] - m)
-    scale = inv_n / s
-    for k in range(n_classes):
-        grad[n, k] *= scale
-    grad[n, y] -= inv_n
-
-
-@gpu_kernel
-def _tally_kernel(value, logits, labels, acc, n_rows, n_classes, weight):
-    """ONE block: acc[0] += weight * value[0], acc[1] += the number of rows whose largest logit (the first, as
-    argmax) is at the label, acc[2] += the labels outside [0, classes): the running sums fit keeps on the device
-    (float64 acc). The last is the device flag a replayed step raises on when fit reads the sums back."""
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    partial = cuda.shared.array(_BLOCK, np.float64)
-    bad_partial = cuda.shared.array(_BLOCK, np.float64)
-    hits = 0.0
+def _tally_kernel(value, logits, labels, acc, partials, tickets, group, weight):
+    """acc[0] += weight * value[0], acc[1] += the number of rows whose largest logit (the first, as argmax) is at the
+    label, acc[2] += the labels outside [0, classes): the running sums fit keeps on the device (float64 acc). The
+    last is the device flag a replayed step raises on when fit reads the sums back. A unit of ``group`` lanes a
+    row finds its argmax (a tree: the larger value, a NaN first as NumPy's argmax, the first column on a tie);
+    the hits and the bad labels are two reduce.grid_sums."""
+    t, threads, units, u, lane, row = _unit(group)
+    n_rows, n_classes = logits.shape
+    part = cuda.shared.array(0, dtype=partials.dtype)      # float64: 2 * threads
+    best = part[:threads]
+    arg = part[threads:]
+    b = 0.0
+    a = n_classes                                           # no column yet: loses to any
+    if row < n_rows:
+        for k in range(lane, n_classes, group):
+            v = logits[row, k]
+            if a == n_classes or max_wins(v, b):
+                b = v
+                a = k
+    best[t] = b
+    arg[t] = a
+    half = threads // 2
+    while half >= units:
+        cuda.syncthreads()
+        if t < half:
+            b, a = best[t + half], arg[t + half]
+            if a < n_classes and (arg[t] == n_classes or max_wins(b, best[t]) or
+                                  ((b == best[t] or (b != b and best[t] != best[t])) and a < arg[t])):
+                best[t] = b
+                arg[t] = a
+        half //= 2
+    cuda.syncthreads()
+    hit = 0.0
     bad = 0.0
-    for n in range(t, n_rows, threads):
-        y = labels[n]
+    if row < n_rows and lane == 0:
+        y = labels[row]
         if y < 0 or y >= n_classes:
-            bad += 1.0
-            continue
-        best = logits[n, 0]
-        arg = 0
-        for k in range(1, n_classes):
-            v = logits[n, k]
-            if v > best or (v != v and best == best):    # NumPy's argmax: the first NaN counts as the max
-                best = v
-                arg = k
-        if arg == y:
-            hits += 1.0
-    partial[t] = hits
-    bad_partial[t] = bad
-    block_sum(partial, t, threads)
-    block_sum(bad_partial, t, threads)
-    if t == 0:
+            bad = 1.0
+        elif arg[t] == y:
+            hit = 1.0
+    cuda.syncthreads()          # the argmax is read before its memory holds the sums
+    best[t] = hit
+    arg[t] = bad
+    if grid_sums(best, t, threads, 1, partials, tickets, 0, cuda.blockIdx.x, cuda.gridDim.x) and t == 0:
         acc[0] += weight * value[0]
-        acc[1] += partial[0]
-        acc[2] += bad_partial[0]
+        acc[1] += best[0]
+    if grid_sums(arg, t, threads, 1, partials, tickets, 1, cuda.blockIdx.x, cuda.gridDim.x) and t == 0:
+        acc[2] += arg[0]
 
 
 @gpu_kernel
-def _softmax_rows(logits, probs, n_rows, n_classes):
-    """Thread per row n: probs[n] = exp(z[n] - max) / sum(exp(z[n] - max))."""
-    n = cuda.grid(1)
-    if n >= n_rows:
-        return
-    m = logits[n, 0]
-    for k in range(1, n_classes):
-        m = max(m, logits[n, k])
-    s = 0.0
-    for k in range(n_classes):
-        e = math.exp(logits[n, k] - m)
-        probs[n, k] = e
-        s += e
-    inv_s = 1.0 / s
-    for k in range(n_classes):
-        probs[n, k] *= inv_s
+def _sum_kernel(values, out, partials, tickets, scale):
+    """out[0] = scale * the sum of values over many blocks (reduce.grid_total): the mean of a loss's elements (MSE,
+    binary cross-entropy)."""
+    t = cuda.threadIdx.x
+    part = cuda.shared.array(0, dtype=partials.dtype)      # float64
+    if grid_total(values, False, part, t, cuda.blockDim.x, partials, tickets) and t == 0:
+        out[0] = part[0] * scale
 
 
 @gpu_kernel
 def _block_sum(values, out, n, scale):
-    """out[0] = scale * sum(values[:n]) by ONE block of _BLOCK threads (launch exactly _BLOCK threads).
-
-    Each thread adds a strided slice in double, then the block halves the partial sums in shared memory.
-    The order is fixed, so the result is deterministic (no atomics). One block suffices for the sizes a
-    loss sees (a batch of rows or outputs).
-    """
+    """out[0] = scale * sum(values[:n]) by ONE block of _BLOCK threads (launch exactly _BLOCK threads): each thread
+    adds a strided slice in double, then the tree; a fixed order (deterministic). For small sums
+    (gpucnn.kernels.coral's batch mean); _sum_kernel spreads a large one over the GPU."""
     t = cuda.threadIdx.x
     partial = cuda.shared.array(_BLOCK, np.float64)
     acc = 0.0
@@ -210,10 +216,39 @@ def _block_sum(values, out, n, scale):
         out[0] = partial[0] * scale
 
 
+def _row_grid(n_rows: int, n_classes: int, split_columns: bool):
+    """(group, threads, chunks, blocks) of a row kernel over (n_rows, n_classes): lanes a row (a power of two, each
+    with _PER_LANE columns at least), blocks of 64 threads, and (``split_columns``) column chunks that keep a
+    lane's columns under reduce.MAX_PER_THREAD; a large launch gets smaller blocks and more chunks until it has
+    reduce.MIN_BLOCKS blocks. On "sim" blocks of 4 threads and 2 chunks where a row has the columns."""
+    group = 1
+    while group < _MAX_GROUP and 2 * group * _PER_LANE <= n_classes:
+        group *= 2
+    most = -(-n_classes // group) if split_columns else 1           # chunks that leave every lane a column
+    if backend.sim_sized():
+        threads, chunks = max(group, 4), min(2, most)
+    else:
+        threads, chunks = max(group, 64), min(most, -(-n_classes // (group * MAX_PER_THREAD)))
+        if n_rows * n_classes >= LARGE:
+            threads = max(group, 32, filling_threads(n_rows * group, n_rows * n_classes, threads))
+            chunks = max(chunks, min(most, -(-MIN_BLOCKS * threads // (n_rows * group))))
+    return group, threads, chunks, -(-n_rows * chunks * group // threads)
+
+
+def _softmax_launch(logits, labels, out, value, with_loss):
+    """Launch _softmax_kernel over logits (N, C) (see it); labels and value unused without the loss."""
+    n, c = logits.shape
+    group, threads, chunks, blocks = _row_grid(n, c, True)
+    launch_reduction(_softmax_kernel, (logits, labels, out, value), (with_loss, group, chunks, 1.0 / n),
+                     (1, blocks, np.float64), 1, logits, threads, blocks, threads * 8)
+
+
 def _mean_on_device(values, n: int):
-    """sum(values) / n as a 0-d array on values' device: one block-sum launch, no host copy."""
+    """sum(values) / n as a 0-d array on values' device: one launch (_sum_kernel), no host copy."""
     out = backend.empty((1,), values.dtype, values)
-    launch(_block_sum, _BLOCK, values, out, n, 1.0 / n, threads=_BLOCK)
+    threads, chunks = reduction_grid(values.size, 1)
+    launch_reduction(_sum_kernel, (values, out), (1.0 / n,), (1, chunks, np.float64), 1, values, threads, chunks,
+                     threads * 8)
     return out.reshape(())
 
 
@@ -275,14 +310,9 @@ def softmax_cross_entropy_forward(logits, labels, where: str = "softmax_cross_en
             if bool(((labels < 0) | (labels >= c)).any()):     # one reduction, one host read of a boolean
                 check_labels(labels, c, where, n)
         grad = backend.empty(logits.shape, logits.dtype, logits)
-        if n <= _ONE_BLOCK_ROWS:
-            out = backend.empty((1,), logits.dtype, logits)
-            threads = backend.reduction_threads(n, _BLOCK)
-            launch(_softmax_xent_kernel, threads, logits, labels, grad, out, n, c, 1.0 / n, threads=threads)
-            return out.reshape(()), grad
-        row_loss = backend.empty((n,), logits.dtype, logits)
-        launch(_softmax_xent_rows, n, logits, labels, row_loss, grad, n, c, 1.0 / n)
-        return _mean_on_device(row_loss, n), grad
+        out = backend.empty((1,), logits.dtype, logits)
+        _softmax_launch(logits, labels, grad, out, True)
+        return out.reshape(()), grad
     check_labels(labels, c, where, n)
     return _softmax_xent_cpu(logits, labels)
 
@@ -318,8 +348,9 @@ def tally(value, logits, labels, acc):
     """
     n, c = logits.shape
     if on_gpu(logits):
-        threads = backend.reduction_threads(n, _BLOCK)
-        launch(_tally_kernel, threads, value.reshape(1), logits, labels, acc, n, c, float(n), threads=threads)
+        group, threads, _, blocks = _row_grid(n, c, False)
+        launch_reduction(_tally_kernel, (value.reshape(1), logits, labels, acc), (group, float(n)),
+                         (2, blocks, np.float64), 2, logits, threads, blocks, 2 * threads * 8)
         return acc
     bad = (labels < 0) | (labels >= c)
     acc[0] += float(value) * n
@@ -368,8 +399,8 @@ def softmax(logits):
         x = xp(logits)
         logits = x.ascontiguousarray(logits)
         probs = backend.empty(logits.shape, logits.dtype, logits)
-        n, c = logits.shape
-        launch(_softmax_rows, n, logits, probs, n, c)
+        _softmax_launch(logits, backend.empty((1,), np.int64, logits), probs, backend.empty((1,), probs.dtype, probs),
+                        False)
         return probs
     return _softmax_cpu(logits)
 

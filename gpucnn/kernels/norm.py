@@ -14,8 +14,9 @@ Batch norm, per channel c over the N*H*W values of a batch (M of them):
     training: gx = gamma / sqrt(var + eps) * (gy - (sum gy + xhat * sum gy*xhat) / M)
     eval:     gx = gamma / sqrt(running_var + eps) * gy      (the statistics are constants then)
 
-GPU: the per-channel sums run in a Numba kernel with one block per channel (a shared-memory tree
-reduction); the elementwise normalise and the input gradient are CuPy ElementwiseKernels.
+GPU: the per-channel sums run in a Numba kernel with many blocks per channel (each a shared-memory tree, the
+last block of a channel adding their partial sums: gpucnn.kernels.reduce); the elementwise normalise and the
+input gradient are CuPy ElementwiseKernels.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import numpy as np
 
 from ..backend import cuda, empty, gpu_kernel, launch, on_gpu
 from ..elementwise import ElementwiseKernel
-from .reduce import block_sum
+from .pool import nchw
+from .reduce import (block_sum, chunk_of, grid_sums, last_to_arrive, launch_reduction, reduction_grid,
+                     sum_partials)
 
 
 # ============================================================================ local response normalisation
@@ -39,15 +42,11 @@ def _window(size: int):
 @gpu_kernel
 def _lrn_forward_kernel(x, y, scale, lo, hi, alpha, beta, k):
     i = cuda.grid(1)
-    N, C, H, W = x.shape
-    if i >= N * C * H * W:
+    if i >= x.size:
         return
-    w = i % W
-    h = (i // W) % H
-    c = (i // (H * W)) % C
-    n = i // (C * H * W)
+    n, c, h, w = nchw(i, x.shape)
     s = k
-    for j in range(max(0, c - lo), min(C, c + hi + 1)):
+    for j in range(max(0, c - lo), min(x.shape[1], c + hi + 1)):
         v = x[n, j, h, w]
         s += alpha * v * v
     scale[n, c, h, w] = s
@@ -57,17 +56,13 @@ def _lrn_forward_kernel(x, y, scale, lo, hi, alpha, beta, k):
 @gpu_kernel
 def _lrn_backward_kernel(x, y, scale, gy, gx, lo, hi, two_alpha_beta, beta):
     i = cuda.grid(1)
-    N, C, H, W = x.shape
-    if i >= N * C * H * W:
+    if i >= x.size:
         return
-    w = i % W
-    h = (i // W) % H
-    c = (i // (H * W)) % C
-    n = i // (C * H * W)
+    n, c, h, w = nchw(i, x.shape)
     xc = x[n, c, h, w]
     g = gy[n, c, h, w] * math.pow(scale[n, c, h, w], -beta)
     # every output j whose window holds c: the window mirrored (hi before c, lo after)
-    for j in range(max(0, c - hi), min(C, c + lo + 1)):
+    for j in range(max(0, c - hi), min(x.shape[1], c + lo + 1)):
         g -= two_alpha_beta * xc * gy[n, j, h, w] * y[n, j, h, w] / scale[n, j, h, w]
     gx[n, c, h, w] = g
 
@@ -134,50 +129,63 @@ def lrn_backward(x, y, scale, gy, size: int, alpha: float, beta: float, k: float
 
 
 # ============================================================================ batch normalisation
-# One block reduces one channel. Its size is a power of two (the tree halves it) no larger than the
-# channel's N*H*W values, up to _BLOCK: a big block keeps many loads in flight when C is small.
-_BLOCK = 512
-
-
-def _reduce_threads(m: int) -> int:
-    t = 1
-    while t < min(m, _BLOCK):
-        t *= 2
-    return t
+# Many blocks reduce one channel (gpucnn.kernels.reduce): blocks of up to _BLOCK threads (a power of two, the
+# tree halves it), as many a channel as fill the GPU; the last block of a channel adds their partial sums.
+_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------- GPU: Numba kernels
 # Partial sums are float64 for both dtypes: they run over N*H*W values (tens of thousands), where a
 # float32 running sum loses digits; the cost, one float64 add per value read, hides behind the loads.
 @gpu_kernel
-def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, eps, momentum):
-    """Block c: mean and biased variance of channel c of x (N, C, H*W), two passes (stable for any mean),
-    then 1/sqrt(var + eps) and the running statistics (unbiased variance), written by thread 0."""
-    c = cuda.blockIdx.x
+def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, partials, tickets, eps, momentum):
+    """Blocks per channel c of x (N, C, H*W), each a chunk of its M = N*H*W values: the chunk's sum and the
+    squares of its deviations from the chunk's own mean (two passes over the chunk: stable for any mean) into
+    partials[c] and partials[C + c]. The channel's last block combines them in a fixed order (Chan, Golub and
+    LeVeque: M2 = sum over chunks of M2_k + (S_k - n_k mean)^2 / n_k) into the mean, 1/sqrt(var + eps) and the
+    running statistics (unbiased variance), written by thread 0."""
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    N = x.shape[0]
-    HW = x.shape[2]
+    N, C, HW = x.shape
     M = N * HW
-    part = cuda.shared.array(_BLOCK, np.float64)
+    c, chunk, chunks, start, end = chunk_of(M, C)
+    part = cuda.shared.array(0, dtype=partials.dtype)     # float64
 
     s = 0.0
-    for idx in range(t, M, threads):       # consecutive threads read consecutive addresses
+    for idx in range(start + t, end, threads):     # consecutive threads read consecutive addresses
         n = idx // HW
         s += x[n, c, idx - n * HW]
     part[t] = s
     block_sum(part, t, threads)
-    mu = part[0] / M
+    total = part[0]
+    mu = total / max(end - start, 1)
     cuda.syncthreads()                     # all have read part[0] before the second pass overwrites it
 
     s = 0.0
-    for idx in range(t, M, threads):
+    for idx in range(start + t, end, threads):
         n = idx // HW
         d = x[n, c, idx - n * HW] - mu
         s += d * d
     part[t] = s
     block_sum(part, t, threads)
-
+    if t == 0:
+        partials[c, chunk] = total
+        partials[C + c, chunk] = part[0]
+    if not last_to_arrive(part, t, tickets, c, chunks):
+        return
+    sum_partials(part, t, threads, 1, partials, c, chunks)
+    mu = part[0] / M
+    span = (M + chunks - 1) // chunks
+    s = 0.0
+    for k in range(t, chunks, threads):
+        s += partials[C + c, k]
+        size = min(span, M - k * span)
+        if size > 0:
+            d = partials[c, k] - size * mu
+            s += d * d / size
+    cuda.syncthreads()                     # all have read part[0]
+    part[t] = s
+    block_sum(part, t, threads)
     if t == 0:
         var = part[0] / M
         mean[c] = mu
@@ -187,20 +195,20 @@ def _bn_stats_kernel(x, mean, inv_std, running_mean, running_var, eps, momentum)
 
 
 @gpu_kernel
-def _bn_grad_sums_kernel(gy, xhat, gsum, gxsum):
-    """Block c: gsum[c] = sum of gy and gxsum[c] = sum of gy * xhat over channel c (arrays (N, C, H*W))."""
-    c = cuda.blockIdx.x
+def _bn_grad_sums_kernel(gy, xhat, gsum, gxsum, partials, tickets):
+    """Blocks per channel c, each a chunk of its values: gsum[c] = sum of gy and gxsum[c] = sum of gy * xhat over
+    channel c (arrays (N, C, H*W)); two reduce.grid_sums, the second on partials and tickets C + c."""
     t = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    N = gy.shape[0]
-    HW = gy.shape[2]
-    M = N * HW
-    part_g = cuda.shared.array(_BLOCK, np.float64)
-    part_gx = cuda.shared.array(_BLOCK, np.float64)
+    N, C, HW = gy.shape
+    c, chunk, chunks, start, end = chunk_of(N * HW, C)
+    part = cuda.shared.array(0, dtype=partials.dtype)     # float64
+    part_g = part[:threads]
+    part_gx = part[threads:]
 
     s_g = 0.0
     s_gx = 0.0
-    for idx in range(t, M, threads):
+    for idx in range(start + t, end, threads):
         n = idx // HW
         hw = idx - n * HW
         g = gy[n, c, hw]
@@ -208,10 +216,9 @@ def _bn_grad_sums_kernel(gy, xhat, gsum, gxsum):
         s_gx += g * xhat[n, c, hw]
     part_g[t] = s_g
     part_gx[t] = s_gx
-    block_sum(part_g, t, threads)
-    block_sum(part_gx, t, threads)
-    if t == 0:
+    if grid_sums(part_g, t, threads, 1, partials, tickets, c, chunk, chunks) and t == 0:
         gsum[c] = part_g[0]
+    if grid_sums(part_gx, t, threads, 1, partials, tickets, C + c, chunk, chunks) and t == 0:
         gxsum[c] = part_gx[0]
 
 
@@ -293,9 +300,10 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, eps: float, mom
     inv_std = empty((C,), x.dtype, x)
     if training:
         mean = empty((C,), x.dtype, x)
-        threads = _reduce_threads(N * H * W)
-        launch(_bn_stats_kernel, C * threads, x.reshape(N, C, H * W), mean, inv_std, running_mean, running_var,
-               float(eps), float(momentum), threads=threads)
+        threads, chunks = reduction_grid(N * H * W, C, _BLOCK)
+        launch_reduction(_bn_stats_kernel, (x.reshape(N, C, H * W), mean, inv_std, running_mean, running_var),
+                         (float(eps), float(momentum)), (2 * C, chunks, np.float64), C, x, threads, C * chunks,
+                         threads * 8)
     else:
         mean = running_mean
         _bn_inv_std_k(running_var, eps, inv_std)
@@ -319,9 +327,9 @@ def batchnorm_backward(gy, cache, gamma, training: bool, ggamma_out=None, gbeta_
     N, C, H, W = gy.shape
     ggamma = ggamma_out if ggamma_out is not None else empty((C,), gy.dtype, gy)
     gbeta = gbeta_out if gbeta_out is not None else empty((C,), gy.dtype, gy)
-    threads = _reduce_threads(N * H * W)
-    launch(_bn_grad_sums_kernel, C * threads, gy.reshape(N, C, H * W), xhat.reshape(N, C, H * W), gbeta, ggamma,
-           threads=threads)
+    threads, chunks = reduction_grid(N * H * W, C, _BLOCK)
+    launch_reduction(_bn_grad_sums_kernel, (gy.reshape(N, C, H * W), xhat.reshape(N, C, H * W), gbeta, ggamma), (),
+                     (2 * C, chunks, np.float64), 2 * C, gy, threads, C * chunks, 2 * threads * 8)
     inv_m = 1.0 / (N * H * W) if training else 0.0
     gx = _bn_grad_input_k(gy, xhat, gamma, inv_std, gbeta, ggamma, inv_m, C, H * W)
     return gx, ggamma, gbeta

@@ -16,9 +16,9 @@ import math
 import numpy as np
 
 from .. import backend
-from ..backend import cuda, gpu_kernel, launch, on_gpu
+from ..backend import cuda, gpu_kernel, on_gpu
 from ..elementwise import ElementwiseKernel
-from .reduce import block_sum
+from .reduce import grid_total, launch_reduction, reduction_grid
 
 # ---------------------------------------------------------------------------- GPU: elementwise kernels
 # param and the state are outputs that are also read: CuPy passes outputs by reference, so the kernel
@@ -45,43 +45,16 @@ _adam_k = ElementwiseKernel(
     v = hyper[3] * v + hyper[4] * (g * g);
     param -= hyper[7] * (m / (sqrt(v) / hyper[8] + hyper[5]))""",
     "optim_adam")
-# gradient clipping over one flat gradient: the norm's partial sums, the scale, then g *= scale
+# gradient clipping over one flat gradient: the norm and the scale (_clip_norm_kernel), then g *= scale
 _scale_k = ElementwiseKernel("raw T norm_and_scale", "T g", "g *= norm_and_scale[1]", "optim_scale")
 
-_BLOCK = 256        # threads of the clipping reductions (at most)
-_PARTIALS = 256     # blocks of the first reduction (at most)
-
-
 @gpu_kernel
-def _sumsq_partials_kernel(g, partials):
-    """Block b sums g[k]^2 over k = b*threads + t, then + blocks*threads, ... (float64) into partials[b]."""
+def _clip_norm_kernel(g, out, partials, tickets, max_norm):
+    """The sum of g^2 over many blocks (float64; reduce.grid_total); the last block writes the norm sqrt(sum) into
+    out[0] and the scale min(1, max_norm / (norm + 1e-6)) into out[1]."""
     t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    b = cuda.blockIdx.x
-    stride = threads * cuda.gridDim.x
-    part = cuda.shared.array(_BLOCK, np.float64)
-    acc = 0.0
-    for k in range(b * threads + t, g.size, stride):
-        v = g[k]
-        acc += v * v
-    part[t] = acc
-    block_sum(part, t, threads)
-    if t == 0:
-        partials[b] = part[0]
-
-
-@gpu_kernel
-def _clip_scale_kernel(partials, n_partials, max_norm, out):
-    """ONE block: norm = sqrt(sum of the partials) into out[0], min(1, max_norm / (norm + 1e-6)) into out[1]."""
-    t = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    part = cuda.shared.array(_BLOCK, np.float64)
-    acc = 0.0
-    for k in range(t, n_partials, threads):
-        acc += partials[k]
-    part[t] = acc
-    block_sum(part, t, threads)
-    if t == 0:
+    part = cuda.shared.array(0, dtype=partials.dtype)
+    if grid_total(g, True, part, t, cuda.blockDim.x, partials, tickets) and t == 0:
         norm = math.sqrt(part[0])
         out[0] = norm
         out[1] = min(max_norm / (norm + 1e-6), 1.0)
@@ -188,16 +161,13 @@ def adam_update(param, grad, m, v, lr: float, beta1: float, beta2: float, eps: f
 
 def clip_by_norm(grad, max_norm: float):
     """Scale the flat gradient ``grad`` in place by ``min(1, max_norm / (norm + 1e-6))``; returns its L2 norm
-    before clipping as a 0-d array on its device. Three launches on the GPU (partial sums, the scale,
-    the multiply), no host copy; the CPU skips the multiply when nothing is clipped."""
+    before clipping as a 0-d array on its device. Two launches on the GPU (the norm and the scale, then the
+    multiply), no host copy; the CPU skips the multiply when nothing is clipped."""
     if on_gpu(grad):
-        threads = backend.reduction_threads(grad.size, _BLOCK)
-        blocks = max(1, min(_PARTIALS, -(-grad.size // (threads * 4))))
-        partials = backend.empty((blocks,), np.float64, grad)
-        launch(_sumsq_partials_kernel, blocks * threads, grad, partials, threads=threads)
+        threads, chunks = reduction_grid(grad.size, 1)
         out = backend.empty((2,), grad.dtype, grad)
-        threads = backend.reduction_threads(blocks, _BLOCK)
-        launch(_clip_scale_kernel, threads, partials, blocks, float(max_norm), out, threads=threads)
+        launch_reduction(_clip_norm_kernel, (grad, out), (float(max_norm),), (1, chunks, np.float64), 1, grad, threads,
+                         chunks, threads * 8)
         _scale_k(out, grad)
         return out[0:1].reshape(())
     norm = np.sqrt(np.dot(grad, grad))

@@ -77,8 +77,29 @@ def max_wins(v, best):
     return v > best or (v != v and best == best)
 
 
+@gpu_device
+def gather(gy, switches, n, c, h, w, W, is_max, KH, KW, SH, SW, PH, PW):
+    """(g, covered): the gradient input (h, w) of plane (n, c), W wide, receives from the outputs gy[n, c] whose
+    windows cover it (max: only those whose switch names it; avg: each divided by KH*KW), and whether any window
+    covers it. Every pooling backward gathers so: deterministic, no atomics, overlapping windows included."""
+    OH, OW = gy.shape[2], gy.shape[3]
+    oh_start, oh_end = covering(h, SH, PH, KH, OH)
+    ow_start, ow_end = covering(w, SW, PW, KW, OW)
+    me = h * W + w
+    g = gy.dtype.type(0)
+    for oh in range(oh_start, oh_end):
+        for ow in range(ow_start, ow_end):
+            if not is_max or switches[n, c, oh, ow] == me:
+                g += gy[n, c, oh, ow]
+    if not is_max:
+        g = g / gy.dtype.type(KH * KW)
+    return g, oh_start < oh_end and ow_start < ow_end
+
+
 @gpu_kernel
-def _maxpool2d_forward_kernel(x, y, switches, KH, KW, SH, SW, PH, PW):
+def _pool2d_forward_kernel(x, y, switches, is_max, KH, KW, SH, SW, PH, PW):
+    """Thread per output: its window's max and the max's switch h*W + w (``is_max``), or its mean (padded zeros
+    count: always divide by KH*KW; switches unused)."""
     i = cuda.grid(1)
     if i >= y.size:
         return
@@ -88,64 +109,29 @@ def _maxpool2d_forward_kernel(x, y, switches, KH, KW, SH, SW, PH, PW):
     w_start, w_end = window(ow, SW, PW, KW, W)
     best = x[n, c, h_start, w_start]
     arg = h_start * W + w_start
+    acc = y.dtype.type(0)
     for h in range(h_start, h_end):
         for w in range(w_start, w_end):
             v = x[n, c, h, w]
             if max_wins(v, best):
                 best = v
                 arg = h * W + w
-    y[n, c, oh, ow] = best
-    switches[n, c, oh, ow] = arg
+            acc += v
+    if is_max:
+        y[n, c, oh, ow] = best
+        switches[n, c, oh, ow] = arg
+    else:
+        y[n, c, oh, ow] = acc / y.dtype.type(KH * KW)
 
 
 @gpu_kernel
-def _maxpool2d_backward_kernel(gy, switches, gx, KH, KW, SH, SW, PH, PW):
+def _pool2d_backward_kernel(gy, switches, gx, is_max, KH, KW, SH, SW, PH, PW):
+    """Thread per input element: what :func:`gather` collects for it."""
     i = cuda.grid(1)
     if i >= gx.size:
         return
-    OH, OW = gy.shape[2], gy.shape[3]
     n, c, h, w = nchw(i, gx.shape)
-    oh_start, oh_end = covering(h, SH, PH, KH, OH)
-    ow_start, ow_end = covering(w, SW, PW, KW, OW)
-    me = h * gx.shape[3] + w
-    acc = gx.dtype.type(0)
-    for oh in range(oh_start, oh_end):
-        for ow in range(ow_start, ow_end):
-            if switches[n, c, oh, ow] == me:
-                acc += gy[n, c, oh, ow]
-    gx[n, c, h, w] = acc
-
-
-@gpu_kernel
-def _avgpool2d_forward_kernel(x, y, KH, KW, SH, SW, PH, PW):
-    i = cuda.grid(1)
-    if i >= y.size:
-        return
-    H, W = x.shape[2], x.shape[3]
-    n, c, oh, ow = nchw(i, y.shape)
-    h_start, h_end = window(oh, SH, PH, KH, H)
-    w_start, w_end = window(ow, SW, PW, KW, W)
-    acc = y.dtype.type(0)
-    for h in range(h_start, h_end):
-        for w in range(w_start, w_end):
-            acc += x[n, c, h, w]
-    y[n, c, oh, ow] = acc / y.dtype.type(KH * KW)   # padded zeros count: always divide by KH*KW
-
-
-@gpu_kernel
-def _avgpool2d_backward_kernel(gy, gx, KH, KW, SH, SW, PH, PW):
-    i = cuda.grid(1)
-    if i >= gx.size:
-        return
-    OH, OW = gy.shape[2], gy.shape[3]
-    n, c, h, w = nchw(i, gx.shape)
-    oh_start, oh_end = covering(h, SH, PH, KH, OH)
-    ow_start, ow_end = covering(w, SW, PW, KW, OW)
-    acc = gx.dtype.type(0)
-    for oh in range(oh_start, oh_end):
-        for ow in range(ow_start, ow_end):
-            acc += gy[n, c, oh, ow]
-    gx[n, c, h, w] = acc / gx.dtype.type(KH * KW)
+    gx[n, c, h, w] = gather(gy, switches, n, c, h, w, gx.shape[3], is_max, KH, KW, SH, SW, PH, PW)[0]
 
 
 # ---------------------------------------------------------------------------------------- CPU twins
@@ -343,6 +329,11 @@ def _avgpool2d_backward_cpu(gy, x_shape, kernel, stride, padding):
 
 # ---------------------------------------------------------------------------------------- the functions layers call
 
+def _no_switches(like):
+    """The switches argument of an average pooling's kernel (unused; Numba needs its type)."""
+    return backend.empty((1, 1, 1, 1), np.int32, like)
+
+
 def maxpool2d_forward(x, kernel, stride, padding):
     """Max over each window of (N, C, H, W) ``x``; returns ``(y, switches)``, switches int32 flat
     indices ``h * W + w`` into each input plane (see the module docstring)."""
@@ -352,7 +343,7 @@ def maxpool2d_forward(x, kernel, stride, padding):
     shape = _output_shape(x.shape, kernel, stride, padding)
     y = backend.empty(shape, x.dtype, x)
     switches = backend.empty(shape, np.int32, x)
-    launch(_maxpool2d_forward_kernel, y.size, x, y, switches, *kernel, *stride, *padding)
+    launch(_pool2d_forward_kernel, y.size, x, y, switches, True, *kernel, *stride, *padding)
     return y, switches
 
 
@@ -365,7 +356,7 @@ def maxpool2d_backward(gy, switches, x_shape, kernel, stride, padding):
     xp = backend.xp(gy)
     gy, switches = xp.ascontiguousarray(gy), xp.ascontiguousarray(switches)
     gx = backend.empty(x_shape, gy.dtype, gy)
-    launch(_maxpool2d_backward_kernel, gx.size, gy, switches, gx, *kernel, *stride, *padding)
+    launch(_pool2d_backward_kernel, gx.size, gy, switches, gx, True, *kernel, *stride, *padding)
     return gx
 
 
@@ -375,7 +366,7 @@ def avgpool2d_forward(x, kernel, stride, padding):
         return _avgpool2d_forward_cpu(x, kernel, stride, padding)
     x = backend.xp(x).ascontiguousarray(x)
     y = backend.empty(_output_shape(x.shape, kernel, stride, padding), x.dtype, x)
-    launch(_avgpool2d_forward_kernel, y.size, x, y, *kernel, *stride, *padding)
+    launch(_pool2d_forward_kernel, y.size, x, y, _no_switches(x), False, *kernel, *stride, *padding)
     return y
 
 
@@ -386,5 +377,5 @@ def avgpool2d_backward(gy, x_shape, kernel, stride, padding):
         return _avgpool2d_backward_cpu(gy, x_shape, kernel, stride, padding)
     gy = backend.xp(gy).ascontiguousarray(gy)
     gx = backend.empty(x_shape, gy.dtype, gy)
-    launch(_avgpool2d_backward_kernel, gx.size, gy, gx, *kernel, *stride, *padding)
+    launch(_pool2d_backward_kernel, gx.size, gy, _no_switches(gy), gx, False, *kernel, *stride, *padding)
     return gx
