@@ -9,6 +9,13 @@ its inputs, names itself in errors, calls ``gpucnn.kernels.loss`` for the array 
 backward before a forward. On the GPU, neither forward nor backward copies to the host or waits for the
 device: the value stays on the device until someone reads it.
 
+How predictions are read: a loss of integer labels also says what its logits mean to fit and evaluate:
+``num_classes(width)`` (the classes logits of that width score, to check labels against), ``tally`` (fit's
+running device sums of loss, hits and bad labels, read back only every few steps) and ``scores`` (evaluate's
+counts per batch). SoftmaxCrossEntropy reads the argmax and adds top-5; CoralLoss reads the rank
+(``coral_predict``) and adds the absolute rank error, so ``evaluate(loss=CoralLoss())`` gives "loss",
+"accuracy" and "mae" (mean |rank - y|) instead of "top5".
+
 NaN and Inf: a diverging run (learning rate too high) turns the loss NaN. :func:`check_finite` turns that
 into a FloatingPointError that says what to do. On the host (the CPU path) forward checks at once, since
 reading the value is free there; a loss on the GPU is checked where it is read back (fit reads it).
@@ -64,6 +71,11 @@ class Loss:
     def __repr__(self):
         return f"{self.name}()"
 
+    def num_classes(self, width: int) -> int:
+        """How many classes logits of ``width`` columns score: only a loss of integer labels has classes."""
+        raise TypeError(f"{self.name}: fit and evaluate read predictions as integer class labels, and {self.name} "
+                        "compares arrays; use SoftmaxCrossEntropy or CoralLoss there, or train with train_step")
+
     def _need(self, attr: str):
         v = getattr(self, attr, None)
         if v is None:
@@ -103,6 +115,9 @@ class _LabelLoss(Loss):
     def backward(self):
         return self._need("_grad")
 
+    def num_classes(self, width: int) -> int:
+        return width
+
 
 class SoftmaxCrossEntropy(_LabelLoss):
     """Softmax then cross-entropy with integer labels, averaged over the batch (PyTorch's cross_entropy).
@@ -120,6 +135,18 @@ class SoftmaxCrossEntropy(_LabelLoss):
         """The class probabilities softmax(logits), row-wise (what predict_proba returns)."""
         check_input(self.name, logits, 2, "of logits (batch, classes)")
         return K.softmax(logits)
+
+    def tally(self, value, logits, labels, sums):
+        """Add a training step to fit's device sums: loss * N, rows whose argmax is the label, bad labels."""
+        return K.tally(value, logits, labels, sums)
+
+    def scores(self, logits, labels) -> dict:
+        """evaluate's counts for a batch, 0-d arrays on the logits' device: "accuracy" (the argmax is the label)
+        and "top5" (fewer than min(5, classes) logits exceed the label's)."""
+        k = min(5, logits.shape[1])
+        truth = logits[backend.xp(logits).arange(logits.shape[0]), labels]
+        return {"accuracy": (logits.argmax(axis=1) == labels).sum(),
+                "top5": ((logits > truth[:, None]).sum(axis=1) < k).sum()}
 
 
 class MSE(Loss):
@@ -184,6 +211,19 @@ class CoralLoss(_LabelLoss):
 
     def _loss_and_grad(self, logits, labels):
         return coral.coral_loss(logits, labels, self.name, check=K._check_on_device())
+
+    def num_classes(self, width: int) -> int:
+        return width + 1                        # K-1 tasks score K ranks
+
+    def tally(self, value, logits, labels, sums):
+        """Add a training step to fit's device sums: loss * N, rows whose rank is the label, bad labels."""
+        return coral.tally(value, logits, labels, sums)
+
+    def scores(self, logits, labels) -> dict:
+        """evaluate's counts for a batch, 0-d arrays on the logits' device: "accuracy" (the rank is the label) and
+        "mae" (the sum of |rank - label|, which evaluate divides by N: the mean absolute error in ranks)."""
+        s = coral.scores(logits, labels)
+        return {"accuracy": s[:, 0].sum(), "mae": s[:, 2].sum()}
 
 
 def coral_predict(logits):

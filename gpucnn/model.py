@@ -532,8 +532,9 @@ class Sequential:
                              f"gives {out}; end it with Flatten/Dense")
         return out[0]
 
-    def _check_labels(self, ds, where):
-        check_labels(ds.labels, self._num_classes(where), f"Sequential.{where}")
+    def _check_labels(self, ds, where, loss):
+        """Labels in [0, classes), the classes the loss reads from the output's width (CORAL: width + 1)."""
+        check_labels(ds.labels, loss.num_classes(self._num_classes(where)), f"Sequential.{where}")
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -568,29 +569,26 @@ class Sequential:
         return softmax(self.predict(x, batch_size))
 
     def evaluate(self, data, batch_size: int = 256, loss=None) -> dict:
-        """Mean loss, accuracy and top-5 accuracy on a dataset (raw images), with training=False."""
+        """Mean loss, accuracy and top-5 accuracy on a dataset (raw images), with training=False; with
+        ``loss=CoralLoss()`` loss, accuracy and "mae", the mean |rank - label| (the loss's ``scores`` say)."""
         ds = self._dataset(data, "evaluate")
-        self._check_labels(ds, "evaluate")
+        loss = loss if loss is not None else SoftmaxCrossEntropy()
+        self._check_labels(ds, "evaluate", loss)
         return self._evaluate(ds, batch_size, loss)
 
     def _evaluate(self, ds, batch_size, loss):
-        if loss is None:
-            loss = SoftmaxCrossEntropy()
-        k = min(5, self.output_shape[0])
-        total, correct, top5, n = 0.0, 0, 0, 0
+        total, counts, n = 0.0, {}, 0
         for xb, yb in ds.batches(batch_size, shuffle=False):
             pred = self.forward(self.prepare(xb), training=False)
             b = len(yb)
             with loss_kernels.labels_checked():         # evaluate checked the data set's labels on the host
                 total = total + loss.forward(pred, yb).astype(np.float64) * b
-            correct = correct + _correct(pred, yb)
-            xp = backend.xp(pred)
-            truth = pred[xp.arange(b), yb]
-            top5 = top5 + ((pred > truth[:, None]).sum(axis=1) < k).sum()   # rank of the true class < k
+            for name, count in loss.scores(pred, yb).items():     # on the device: read once, below
+                counts[name] = counts.get(name, 0) + count
             n += b
         if n == 0:
             raise ValueError("Sequential.evaluate: the dataset is empty")
-        return {"loss": float(total) / n, "accuracy": int(correct) / n, "top5": int(top5) / n}
+        return {"loss": float(total) / n, **{name: float(count) / n for name, count in counts.items()}}
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -627,16 +625,16 @@ class Sequential:
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"Sequential.fit: batch_size must be an int >= 1, got {batch_size!r}")
         ds = self._dataset(data, "fit")
-        self._check_labels(ds, "fit")
+        loss = loss if loss is not None else SoftmaxCrossEntropy()
+        self._check_labels(ds, "fit", loss)
         val = None
         if validation is not None:
             val = self._dataset(validation, "fit (validation)")
-            self._check_labels(val, "fit (validation)")
+            self._check_labels(val, "fit (validation)", loss)
         optimizer = optimizer if optimizer is not None else SGD(self, lr=0.01, momentum=0.9)
         if getattr(optimizer, "model", self) is not self:
             raise ValueError("Sequential.fit: the optimizer was made for another model; "
                              "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
-        loss = loss if loss is not None else SoftmaxCrossEntropy()
         callbacks = [callbacks] if callable(callbacks) else list(callbacks or ())
 
         history = {k: [] for k in HISTORY_KEYS}
@@ -731,15 +729,16 @@ class Sequential:
                     pred = self.last_output
                     if sums is None:
                         sums = backend.xp(pred).zeros(3, dtype=np.float64)
-                    # sums stay on the device (one kernel adds this step's); reading them back waits for the
+                    # sums stay on the device (the loss's tally adds this step's); reading them back waits for the
                     # GPU, so a GPU reads every 20 steps
-                    loss_kernels.tally(value, pred, yb, sums)
+                    loss.tally(value, pred, yb, sums)
                     n += len(yb)
                     step += 1
                     if step == 1 and backend.on_gpu(pred):
                         read_every = _GPU_READ_EVERY
                     if step % read_every == 0 or step == steps:
-                        seen, hits = _read_sums(sums, pred.shape[1], f"epoch {epoch + 1}, step {step}")
+                        seen, hits = _read_sums(sums, loss.num_classes(pred.shape[1]),
+                                                f"epoch {epoch + 1}, step {step}")
                         if bar is not None and (step % _GPU_READ_EVERY == 0 or step == steps):
                             rate = n / max(time.perf_counter() - t0, 1e-9)
                             bar.set_postfix(loss=f"{seen / n:.4f}", acc=f"{hits / n:.4f}",
@@ -751,7 +750,7 @@ class Sequential:
                 bar.close()
         if n == 0:
             raise ValueError("Sequential.fit: the training set gave no batches")
-        seen, hits = _read_sums(sums, self.last_output.shape[1], f"epoch {epoch + 1}")
+        seen, hits = _read_sums(sums, loss.num_classes(self.last_output.shape[1]), f"epoch {epoch + 1}")
         return seen / n, hits / n, n
 
     # ------------------------------------------------------------------------------------------ saving
@@ -869,11 +868,6 @@ def _read_sums(sums, classes, when):
                          f"{int(host[2])} label(s) outside it reached the GPU kernels ({when})")
     check_finite(float(host[0]), f"Sequential.fit: the training loss ({when})")
     return float(host[0]), int(host[1])
-
-
-def _correct(pred, yb):
-    """How many rows of ``pred`` have their largest entry at the label (a 0-d array on the device)."""
-    return (pred.argmax(axis=1) == yb).sum()
 
 
 def _int_state(layer) -> dict:

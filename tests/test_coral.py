@@ -1,10 +1,13 @@
-"""CORAL ordinal regression: CoralHead (one shared weight, K-1 biases), CoralLoss and coral_predict."""
+"""CORAL ordinal regression: CoralHead (one shared weight, K-1 biases), CoralLoss and coral_predict, and CORAL
+through Sequential.fit and evaluate (the loss says how its logits are read: K-1 columns score K ranks)."""
 import numpy as np
 import pytest
 
 import gpucnn
 from gpucnn import backend, layers as L, optim
-from gpucnn.losses import CoralLoss, coral_predict
+from gpucnn.kernels import coral as KC
+from gpucnn.losses import MSE, CoralLoss, coral_predict
+from gpucnn.model import Sequential
 from gpucnn.testing import check_backward
 from conftest import assert_close
 
@@ -109,3 +112,142 @@ def test_sim_matches_cpu(rng):
     for k in ref:
         assert_close(got[k], ref[k], "float32", f"CORAL {k} (sim vs cpu)")
     np.testing.assert_array_equal(coral_predict(got["z"]), coral_predict(ref["z"]))
+
+
+# ------------------------------------------------------------------------------------------------ fit and evaluate
+
+def ordinal_net(rng, K=5):
+    return Sequential([L.Conv2D(1, 3, 3, rng=rng), L.ReLU(), L.Flatten(), L.Dense(3 * 4 * 4, 8, rng=rng), L.Tanh(),
+                       L.CoralHead(8, K, rng=rng)], input_shape=(1, 6, 6))
+
+
+def ordinal_data(rng, n, K=5):
+    """Raw uint8 images whose brightness grows with the rank, plus noise: an easy ordinal task."""
+    y = rng.integers(0, K, n)
+    x = np.clip(rng.normal(40 + 40 * y[:, None, None, None], 30, (n, 1, 6, 6)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+def numpy_recount(logits, y, K):
+    """CORAL's loss, accuracy and mean absolute rank error of logits (N, K-1), in float64 from the definition."""
+    z = logits.astype(np.float64)
+    levels = y[:, None] > np.arange(K - 1)[None, :]
+    log_sig, log_one_minus = -np.logaddexp(0, -z), -np.logaddexp(0, z)
+    loss = -(np.where(levels, log_sig, log_one_minus)).sum(axis=1).mean()
+    rank = (z > 0).sum(axis=1)
+    return loss, (rank == y).mean(), np.abs(rank - y).mean()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_reads_ranks_and_history_matches_a_host_recount(device, rng, monkeypatch):
+    """fit with CoralLoss: each epoch's loss and accuracy equal a recount, on the host with coral_predict, of the
+    logits and losses of every step (so the device tally reads ranks, not an argmax over K-1 columns)."""
+    K = 5
+    model = ordinal_net(rng, K)
+    x, y = ordinal_data(rng, 37, K)                       # 37 = 3 batches of 12 and a last one of 1
+    steps = []
+    real = Sequential.train_step
+
+    def recording(self, xb, yb, *a, **k):
+        value = real(self, xb, yb, *a, **k)
+        steps.append((float(value), backend.to_numpy(self.last_output).copy(), backend.to_numpy(yb).copy()))
+        return value
+
+    monkeypatch.setattr(Sequential, "train_step", recording)
+    epochs = 3 if device == "cpu" else 2
+    hist = model.fit((x, y), epochs=epochs, batch_size=12, loss=CoralLoss(), verbose=0,
+                     optimizer=optim.Adam(model, lr=0.02), validation=(x[:20], y[:20]))
+    assert len(steps) == 4 * epochs
+    for e in range(epochs):
+        epoch = steps[4 * e:4 * e + 4]
+        n = sum(len(t) for _, _, t in epoch)
+        hits = sum(int((coral_predict(z) == t).sum()) for _, z, t in epoch)
+        assert n == 37 and hist["accuracy"][e] == hits / n
+        assert hist["loss"][e] == pytest.approx(sum(v * len(t) for v, _, t in epoch) / n, rel=1e-12)
+        assert all(z.shape == (len(t), K - 1) for _, z, t in epoch)
+        assert 0 <= hist["val_accuracy"][e] <= 1 and np.isfinite(hist["val_loss"][e])
+    assert hist["loss"][-1] < hist["loss"][0]             # it learns the easy task
+    # with the last weights: the validation entry is evaluate's, as for softmax
+    again = model.evaluate((x[:20], y[:20]), batch_size=12, loss=CoralLoss())
+    assert again["accuracy"] == hist["val_accuracy"][-1] and again["loss"] == hist["val_loss"][-1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_with_coral_loss_against_a_numpy_recount(device, rng):
+    K = 6
+    model = ordinal_net(rng, K)
+    x, y = ordinal_data(rng, 23, K)
+    model.fit((x, y), epochs=2, batch_size=8, loss=CoralLoss(), verbose=0, optimizer=optim.Adam(model, lr=0.03))
+    got = model.evaluate((x, y), batch_size=7, loss=CoralLoss())        # 7, 7, 7, 2: a partial last batch
+    logits = backend.to_numpy(model.predict(x, batch_size=7))
+    loss, accuracy, mae = numpy_recount(logits, y, K)
+    assert list(got) == ["loss", "accuracy", "mae"]
+    assert got["loss"] == pytest.approx(loss, rel=2e-6)
+    assert got["accuracy"] == accuracy and got["mae"] == pytest.approx(mae, rel=1e-15)
+    assert 0 < got["mae"] and len(set((logits > 0).sum(axis=1))) > 1, "a trivial model proves little"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_ranks_in_fit_and_evaluate_are_the_same_error_on_every_device(device, rng):
+    K = 5
+    model = ordinal_net(rng, K)
+    x, y = ordinal_data(rng, 10, K)
+    bad = y.copy()
+    bad[3] = K                                            # K-1 = 4 logit columns, but 5 ranks: 5 is out
+    msg = r"labels must be in \[0, 5\) for 5 classes, got 5 at index 3$"
+    with pytest.raises(ValueError, match=r"^Sequential\.fit: " + msg):
+        model.fit((x, bad), loss=CoralLoss(), verbose=0)
+    with pytest.raises(ValueError, match=r"^Sequential\.fit \(validation\): " + msg):
+        model.fit((x, y), loss=CoralLoss(), verbose=0, validation=(x, bad))
+    with pytest.raises(ValueError, match=r"^Sequential\.evaluate: " + msg):
+        model.evaluate((x, bad), loss=CoralLoss())
+    y4 = np.minimum(y, K - 2)                               # rank K-1 = 4 is a valid rank, but not a softmax class
+    model.evaluate((x, np.where(y4 == 0, K - 1, y4)), loss=CoralLoss())
+    with pytest.raises(ValueError, match=r"^Sequential\.evaluate: labels must be in \[0, 4\) for 4 classes, got 4"):
+        model.evaluate((x, np.full(10, K - 1)))              # the default loss reads 4 columns as 4 classes
+    with pytest.raises(TypeError, match=r"^MSE: fit and evaluate read predictions as integer class labels"):
+        model.fit((x, y), loss=MSE(), verbose=0)
+
+
+@pytest.mark.sim
+def test_a_bad_rank_that_reaches_the_gpu_kernels_is_raised_from_fits_device_sums(rng, monkeypatch):
+    """Inside fit the GPU path does not check labels per step (no sync): a bad rank that slipped past the
+    host check is counted by the tally's device flag, and fit raises when it reads the sums."""
+    import gpucnn.model
+    model = ordinal_net(rng)
+    x, y = ordinal_data(rng, 6)
+    y[2] = 7
+    monkeypatch.setattr(gpucnn.model, "check_labels", lambda *a, **k: None)     # as if the host check missed it
+    with pytest.raises(ValueError, match=r"^Sequential\.fit: labels must be in \[0, 5\) for 5 classes; 1 label\(s\) "
+                                         r"outside it reached the GPU kernels \(epoch 1, step 1\)$"):
+        model.fit((x, y), batch_size=6, loss=CoralLoss(), verbose=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scores_and_tally_on_every_device(device, rng):
+    """Each row's [rank == y], [y outside [0, K)], |rank - y| against NumPy written from the definition, for
+    int32 and int64 labels, logits at exactly 0 (not "above") and NaN (not "above"), bad labels both ways."""
+    N, K = 11, 6
+    z = rng.standard_normal((N, K - 1)).astype(np.float32)
+    z[0, :] = 0
+    z[1, 2] = np.nan
+    y = rng.integers(0, K, N)
+    y[4], y[7] = -1, K
+    rank = (np.nan_to_num(z, nan=-1) > 0).sum(axis=1)
+    ok = (y >= 0) & (y < K)
+    expected = np.stack([ok & (rank == y), ~ok, np.where(ok, np.abs(rank - y), 0)], axis=1).astype(np.float64)
+    for labels in (y, y.astype(np.int32)):
+        np.testing.assert_array_equal(backend.to_numpy(KC.scores(z, labels)), expected)
+        acc = np.zeros(3)
+        value = np.asarray(np.float32(rng.uniform(0.5, 2)))
+        KC.tally(value, z, labels, acc)
+        KC.tally(value, z, labels, acc)
+        np.testing.assert_array_equal(acc, [2 * float(value) * N, 2 * expected[:, 0].sum(), 2 * (~ok).sum()])
+
+
+@pytest.mark.sim
+def test_the_tally_is_one_elementwise_launch_on_the_gpu_path(rng):
+    z = rng.standard_normal((9, 4)).astype(np.float32)
+    with gpucnn.profile() as p:
+        KC.tally(np.asarray(np.float32(1.5)), z, rng.integers(0, 5, 9), np.zeros(3))
+    assert p.launches == 1 and p.counts["coral"]["cupy"] == 1

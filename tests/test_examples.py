@@ -29,6 +29,7 @@ EXAMPLES = {                                     # example -> the pictures it wr
     "deconvnet": ["deconv_conv1.png", "deconv_conv2.png"],
     "invariance": ["invariance.png", "invariance_features.png"],
     "custom_layer": ["custom_layer.png"],
+    "ordinal_coral": ["rotations.png", "curves.png", "mae_per_rank.png"],
 }
 
 
@@ -190,3 +191,31 @@ def test_invariance_conv_maps_are_equivariant_not_invariant(run):
     in_place = lines(stdout, r"^ +conv1: (.*)$")[0]
     values = [float(v) for v in re.findall(r"d=\d+ ([\d.]+)", in_place)]
     assert values[0] == pytest.approx(1.0) and max(values[4:]) < 0.99     # compared in place they differ
+
+
+def test_ordinal_coral_prints_table_1_in_miniature(run, data_env):
+    stdout, _ = run("ordinal_coral")
+    # random stand-in images (no Fashion-MNIST installed) have no upright to turn from: the MAEs are then only
+    # checked to be numbers, not to beat the chance level
+    real_images = "GPUCNN_DATA" not in data_env
+    header = lines(stdout, r"^Method +Seed 0 +Seed 1 +Seed 2 +AVG \+- SD$")
+    assert len(header) == 1
+    lines(stdout, r"^ +MAE +RMSE +MAE +RMSE +MAE +RMSE +MAE +RMSE$")
+    number = r"(\S+)"
+    rows = lines(stdout, rf"^(CE-CNN|CORAL-CNN) +{' +'.join([number] * 6)} +{number} \+- {number} +{number} \+- {number}$")
+    assert [r[0] for r in rows] == ["CE-CNN", "CORAL-CNN"]
+    chance = float(lines(stdout, r"^chance level \(always the median rank, \d+\): MAE (\S+), RMSE \S+$")[0])
+    assert 2 < chance < 4                                  # 12 ranks, drawn uniformly: about 3
+    for method, *cells in rows:
+        v = np.array([float(c) for c in cells])
+        assert np.isfinite(v).all() and (v >= 0).all(), (method, v)
+        mae, rmse = v[0:6:2], v[1:6:2]
+        assert not real_images or (mae < chance).all(), f"{method}: MAE {mae} not below the chance level {chance}"
+        assert (rmse >= mae - 1e-3).all()                  # RMSE >= MAE for any errors (printed to 3 places)
+        assert v[6] == pytest.approx(mae.mean(), abs=1.5e-3) and v[8] == pytest.approx(rmse.mean(), abs=1.5e-3)
+        assert v[7] == pytest.approx(mae.std(ddof=1), abs=1.5e-3)
+    # evaluate(loss=CoralLoss()) counts the same MAE as the table, and rank consistency is reported per seed
+    for got, table in lines(stdout, r"^ +evaluate\(loss=CoralLoss\(\)\): .*, mae (\S+) \(the table's (\S+)\)$"):
+        assert got == table
+    consistent = lines(stdout, r"^ +rank consistency: P\(rank > k\) non-increasing in k for ([\d.]+)% of the \d+ test")
+    assert len(consistent) == 3 and all(0 <= float(c) <= 100 for c in consistent)

@@ -12,6 +12,10 @@ Backward of the head: with s[n] = sum_k dL/dz[n, k] (the shared weight sees ever
 gb[k] = sum_n dL/dz[n, k] and gx = s w. GPU: a GEMV-shaped GEMM and one ElementwiseKernel forward; the loss is
 the binary cross-entropy kernel on the levels (one elementwise launch, one block sum); backward one Numba
 kernel for both sums (a thread per row for s, then per task for gb), and two GEMMs.
+
+Reading the ranks for fit and evaluate: :func:`scores` gives each row [rank == y], [y outside [0, K)] and
+|rank - y| (one ElementwiseKernel on the GPU), and :func:`tally` adds a step's loss, hits and bad labels to fit's
+device sums as ``gpucnn.kernels.loss.tally`` does for the argmax, so fit reads nothing back per step.
 """
 from __future__ import annotations
 
@@ -24,6 +28,15 @@ from .loss import _bce_logits_k, _block_sum, _BLOCK, check_labels
 
 _logits_k = ElementwiseKernel("raw T s, raw T b, int64 tasks", "T z", "z = s[i / tasks] + b[i % tasks]",
                               "coral_logits")
+# one thread per (row, column) of the (N, 3) scores: the row's rank is counted again by columns 0 and 2 (K-1 compares
+# each: cheaper than a second launch)
+_scores_k = ElementwiseKernel(
+    "raw T z, raw L y, int64 tasks", "float64 s",
+    "long long r = i / 3, c = i % 3; long long lab = (long long)y[r]; bool bad = lab < 0 || lab > tasks; "
+    "long long rank = 0; for (long long k = 0; k < tasks; ++k) { rank += z[r * tasks + k] > T(0) ? 1 : 0; } "
+    "long long d = rank > lab ? rank - lab : lab - rank; "
+    "s = c == 1 ? (bad ? 1.0 : 0.0) : bad ? 0.0 : c == 0 ? (rank == lab ? 1.0 : 0.0) : (double)d",
+    "coral_scores")
 _levels_k = ElementwiseKernel("raw L y, int64 tasks", "T lev", "lev = y[i / tasks] > (i % tasks) ? T(1) : T(0)",
                               "coral_levels")
 
@@ -105,3 +118,27 @@ def coral_probabilities(logits):
     """sigmoid(z): P(rank > k) for each task k (rows need not be non-increasing: the biases are not forced
     to stay ordered)."""
     return 1 / (1 + xp(logits).exp(-logits))
+
+
+def scores(logits, labels):
+    """Each row's reading, float64 (N, 3): [rank == y], [y outside [0, K)], |rank - y| (the first and the last 0
+    for a label outside). On the GPU one elementwise launch and no host copy (fit calls it every step)."""
+    N, T = logits.shape
+    if on_gpu(logits):
+        x = xp(logits)
+        logits, labels = x.ascontiguousarray(logits), x.ascontiguousarray(labels)
+        return _scores_k(logits, labels, T, backend.empty((N, 3), np.float64, logits))
+    rank = coral_predict(logits)
+    bad = (labels < 0) | (labels > T)
+    err = np.where(bad, 0, np.abs(rank - labels))
+    return np.stack([(rank == labels) & ~bad, bad, err], axis=1).astype(np.float64)
+
+
+def tally(value, logits, labels, acc):
+    """Add a CORAL step to fit's running sums ``acc`` (float64 (3,), on the logits' device), as
+    ``gpucnn.kernels.loss.tally`` does for softmax: ``acc[0] += value * N``, ``acc[1] +=`` the rows whose rank is
+    the label, ``acc[2] +=`` the labels outside [0, K) (fit raises on it). No host copy on the GPU."""
+    s = scores(logits, labels)
+    acc[0] += value.astype(np.float64) * s.shape[0]
+    acc[1:] += s[:, :2].sum(axis=0)
+    return acc
