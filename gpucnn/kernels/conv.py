@@ -317,6 +317,8 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
 def group_slices(groups: int, *sizes):
     """Per group g, the slice of each of ``sizes`` (rows of the weights, of z, of a lowering) that holds it: g's
     equal share, in order. A grouped convolution is a loop over these of one group's GEMMs."""
+    if groups == 1:                 # the plain convolution: whole arrays, at the cost of a view each
+        return [(slice(None),) * len(sizes)]
     return [tuple(slice(g * n // groups, (g + 1) * n // groups) for n in sizes) for g in range(groups)]
 
 
