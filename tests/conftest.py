@@ -55,13 +55,21 @@ def tol(dtype):
 
 
 def assert_close(actual, expected, dtype=None, what=""):
-    """|actual - expected| <= tol * max|expected| elementwise, with the worst index in the message."""
+    """|actual - expected| <= tol * max|expected| elementwise, NaN exactly where the reference has NaN; the worst
+    index in the message."""
     a = backend.to_numpy(actual).astype(np.float64)
     e = backend.to_numpy(expected).astype(np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     t = tol(dtype or backend.to_numpy(actual).dtype)
-    scale = max(np.abs(e).max(initial=0.0), 1e-30)
-    err = np.abs(a - e)
+    nan = np.isnan(a) != np.isnan(e)            # a NaN where the reference has a number (or none where it has one)
+    if nan.any():
+        i = np.unravel_index(int(np.argmax(nan)), nan.shape)
+        raise AssertionError(f"{what}: {int(nan.sum())} NaN mismatches, first at {i} ({a[i]!r} vs {e[i]!r})")
+    scale = max(np.abs(e[np.isfinite(e)]).max(initial=0.0), 1e-30)
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - e)
+    err[(a == e) | (np.isnan(a) & np.isnan(e))] = 0.0   # equal infinities and matching NaNs are no error
+    err[np.isnan(err)] = np.inf                          # what is left: infinities of opposite signs
     if err.size and err.max() > t * scale:
         i = np.unravel_index(int(np.argmax(err)), err.shape)
         raise AssertionError(f"{what}: max error {err.max():.3e} at {i} ({a[i]!r} vs {e[i]!r}) "
