@@ -49,14 +49,12 @@ def receptive_field(model, layer_index: int, h, w, image_size=None):
 
 
 def _transposed_conv(layer, g, x_shape):
-    """The conv's input gradient for output gradient ``g``: the transposed filters ``W^T g`` scattered back
-    onto the input positions by col2im (what conv2d_backward computes as gx, without needing its cache)."""
-    w = layer.params["weight"]
-    Cout, _, KH, KW = w.shape
-    xp = backend.xp(g)
-    g2 = xp.ascontiguousarray(g.transpose(1, 2, 3, 0)).reshape(Cout, -1)    # col's column order (oh, ow, n)
-    gcol = backend.matmul(w.reshape(Cout, -1).T, g2)
-    return conv_kernels.col2im(gcol, x_shape, KH, KW, layer.stride, layer.padding)
+    """The conv's input gradient for output gradient ``g`` (N, Cout, OH, OW): the transposed filters applied by the
+    layer's convolution algorithm's grad_input (per group), which needs no forward cache."""
+    gz = backend.xp(g).ascontiguousarray(g.transpose(1, 2, 3, 0))           # the GEMM layout (Cout, OH, OW, N)
+    saved = conv_kernels.Saved(conv_kernels.GEMM, x_shape, layer.kernel_size, layer.stride, layer.padding, None,
+                               groups=getattr(layer, "groups", 1))
+    return conv_kernels.GEMM.grad_input(saved, layer.params["weight"], gz)
 
 
 def deconv_project(model, image, layer_index: int, channel: int) -> DeconvProjection:
