@@ -23,10 +23,19 @@ once (seed 0) and is the same for every seed; a seed sets the initial weights an
 
 Prints the table, the chance level (always answering the median rank), CORAL's MAE as
 ``evaluate(loss=CoralLoss())`` reports it, and how often CORAL's probabilities P(rank > k) are non-increasing
-in k on the test set. Writes rotations.png (one item at each angle), curves.png (training loss, validation
+in k on the test set. Writes rotations.png (three test items at each angle), curves.png (training loss, validation
 MAE and accuracy per epoch) and mae_per_rank.png (MAE per true rank, and the distribution of rank errors).
-The full run trains 8 epochs on 30,000 images per model (about a minute a model on two CPU cores; a GPU is
-much faster); --quick trains 4 epochs on 600.
+The full run trains 8 epochs on 30,000 images per model (about a minute of CPU time a model); --quick trains
+4 epochs on 600.
+
+What one full run on the CPU gave (three seeds; test MAE / RMSE in ranks, AVG +- SD): CE-CNN 0.167 +- 0.005 /
+0.978 +- 0.008, CORAL-CNN 0.656 +- 0.050 / 1.115 +- 0.040, chance 2.957 / 3.447. Unlike the paper's ages, here
+cross-entropy wins on both: the labels are exact, and each angle is a look of its own that a classifier learns
+well. The errors differ as the paper argues, though: CE-CNN's mistakes cluster 6 ranks off (a quarter turn) and
+reach 11 (items that look the same upside down), which is why its RMSE is close to CORAL-CNN's; CORAL-CNN's fall
+off steadily with the distance (mae_per_rank.png, right). Its one weight vector shared by every task passes the
+trunk a gradient along one direction, and it learns more slowly: its validation MAE was still falling after 8
+epochs. Its probabilities were rank-consistent on every test image (its biases stayed ordered).
 """
 import _common  # noqa: I001  (first: finds gpucnn in a checkout)
 
@@ -131,8 +140,8 @@ def main():
             histories[method].append(history)
             per_rank[method].append([np.abs(pred[test.labels == k] - k).mean() for k in range(K)])
             signed[method].append(pred - test.labels)
-            print(f"seed {seed} {method:<9}: test MAE {mae:.3f}, RMSE {rmse:.3f}, exact rank {np.mean(pred == test.labels):.3f} "
-                  f"({sum(history['seconds']):.1f}s)")
+            print(f"seed {seed} {method:<9}: test MAE {mae:.3f}, RMSE {rmse:.3f}, "
+                  f"exact rank {np.mean(pred == test.labels):.3f} ({sum(history['seconds']):.1f}s)")
             if method == "CORAL-CNN":
                 report_coral(model, logits, test, mae)
 
@@ -154,8 +163,8 @@ def report_coral(model, logits, test, mae):
     p = gpucnn.to_numpy(coral_probabilities(logits))
     ordered = np.all(np.diff(p, axis=1) <= 0, axis=1)
     bias = gpucnn.to_numpy(model.layers[-1].params["bias"])
-    print(f"    evaluate(loss=CoralLoss()): loss {got['loss']:.4f}, accuracy {got['accuracy']:.4f}, mae {got['mae']:.4f} "
-          f"(the table's {mae:.4f})")
+    print(f"    evaluate(loss=CoralLoss()): loss {got['loss']:.4f}, accuracy {got['accuracy']:.4f}, "
+          f"mae {got['mae']:.4f} (the table's {mae:.4f})")
     print(f"    rank consistency: P(rank > k) non-increasing in k for {ordered.mean():.1%} of the {len(test)} test "
           f"images; the {K - 1} biases are {'non-increasing' if np.all(np.diff(bias) <= 0) else 'NOT ordered'}")
 

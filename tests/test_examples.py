@@ -202,7 +202,8 @@ def test_ordinal_coral_prints_table_1_in_miniature(run, data_env):
     assert len(header) == 1
     lines(stdout, r"^ +MAE +RMSE +MAE +RMSE +MAE +RMSE +MAE +RMSE$")
     number = r"(\S+)"
-    rows = lines(stdout, rf"^(CE-CNN|CORAL-CNN) +{' +'.join([number] * 6)} +{number} \+- {number} +{number} \+- {number}$")
+    seeds = " +".join([number] * 6)                        # MAE and RMSE for each of the three seeds
+    rows = lines(stdout, rf"^(CE-CNN|CORAL-CNN) +{seeds} +{number} \+- {number} +{number} \+- {number}$")
     assert [r[0] for r in rows] == ["CE-CNN", "CORAL-CNN"]
     chance = float(lines(stdout, r"^chance level \(always the median rank, \d+\): MAE (\S+), RMSE \S+$")[0])
     assert 2 < chance < 4                                  # 12 ranks, drawn uniformly: about 3
