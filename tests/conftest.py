@@ -61,6 +61,7 @@ def assert_close(actual, expected, dtype=None, what=""):
     e = backend.to_numpy(expected).astype(np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     t = tol(dtype or backend.to_numpy(actual).dtype)
+    a, e = np.atleast_1d(a), np.atleast_1d(e)
     nan = np.isnan(a) != np.isnan(e)            # a NaN where the reference has a number (or none where it has one)
     if nan.any():
         i = np.unravel_index(int(np.argmax(nan)), nan.shape)
