@@ -116,7 +116,9 @@ def test_every_launch_fits_every_architecture(report):
                                  f"dynamic shared memory, in {r['scenario']}: {'; '.join(p)}" for a, r, p in bad))
 
 
-H200 = {"activation._pool_act_bias_grad_kernel": 80, "conv._im2col_tiled_kernel": 80, "conv._col2im_tiled_kernel": 124}
+# The H200's profiler also gave activation._pool_act_bias_grad_kernel 80 registers; that kernel has changed since (its
+# bias sum spans many blocks, gpucnn.kernels.reduce: 96 registers on sm_90 here), so it is no reference any more.
+H200 = {"conv._im2col_tiled_kernel": 80, "conv._col2im_tiled_kernel": 124}
 
 
 @pytest.mark.parametrize("kernel", sorted(H200))

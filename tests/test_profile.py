@@ -23,7 +23,7 @@ def test_sim_timing_covers_every_launch_of_a_step(rng):
     assert all(ms >= 0 for v in p.times.values() for ms in v) and p.milliseconds > 0
     fam = p.family_milliseconds()
     assert set(fam) == set(p.by_family()) and abs(sum(fam.values()) - p.milliseconds) < 1e-9
-    assert ("conv", "gemm") in p.times and ("loss", "_softmax_xent_kernel") in p.times
+    assert ("conv", "gemm") in p.times and ("loss", "_softmax_kernel") in p.times
     text = str(p)
     assert "| kernel | launches | ms | share |" in text and "| conv.gemm | 5 |" in text
 

@@ -362,7 +362,7 @@ def tally(value, logits, labels, acc):
 def binary_cross_entropy(pred, target, from_logits: bool = True):
     """(mean binary cross-entropy as a 0-d array, dL/dpred) for predictions and targets of one shape, every
     element a binary task: ``pred`` logits (``from_logits``) or probabilities in [0, 1]. On the GPU one
-    elementwise launch makes each element's loss and gradient, one block sum the mean (no host copy)."""
+    elementwise launch makes each element's loss and gradient, one sum launch the mean (no host copy)."""
     n = pred.size
     if on_gpu(pred):
         x = xp(pred)

@@ -73,12 +73,13 @@ def last_to_arrive(partial, t, tickets, segment, chunks):
     launch. The fences make the partials of every block visible to the last one (the pattern of CUDA's
     threadFenceReduction sample and of a cooperative grid sync). No static shared array: Numba's simulator makes
     those without a lock, and threads leaving a barrier together could each get their own."""
+    one = partial.dtype.type(1)     # typed as the array: a float32 kernel does no float64 arithmetic
     cuda.threadfence()              # this thread's partials reach the GPU's memory before the ticket is taken
     cuda.syncthreads()
     if t == 0:
-        partial[0] = 1 if cuda.atomic.add(tickets, segment, 1) == chunks - 1 else 0
+        partial[0] = one if cuda.atomic.add(tickets, segment, 1) == chunks - 1 else one - one
     cuda.syncthreads()
-    last = partial[0] == 1
+    last = partial[0] == one
     if last:
         cuda.threadfence()          # and the last block reads them after its ticket
         if t == 0:
