@@ -21,7 +21,8 @@ _sim_ops = None         # while "sim" captures: the device work the step queued 
 CUBLAS_IN_CAPTURE = "calling cuBLAS API during stream capture is currently unsupported"
 D2H_IN_CAPTURE = "the current stream is capturing, so D2H transfers are disallowed"
 SYNC_IN_CAPTURE = "cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing"
-CUBLAS_CAPTURABLE = False   # CuPy refuses any cuBLAS call in a capture; tests lift it on "sim" to check the rest
+_sim_stream = 0         # "sim": the stream a capture records (a new number per capture, as "cuda" makes a new stream)
+_sim_streams = 0
 
 
 class CaptureError(RuntimeError):
@@ -159,6 +160,12 @@ class _CapturedNumPy:
 _captured_numpy = _CapturedNumPy()
 
 
+def current_stream(a=None) -> int:
+    """The stream device work on ``a`` is queued on now: CuPy's current stream for a CuPy array; on "sim" the
+    capturing stream's number during a capture, else 0 (the legacy default stream)."""
+    return int(_backend._cupy.cuda.get_current_stream().ptr) if is_cupy(a) else _sim_stream
+
+
 def enqueue(fn):
     """Run ``fn`` (device work: a kernel, a GEMM) now, or, while a graph is captured on "sim", record it for the
     graph's launches (on a GPU nothing runs while capturing either)."""
@@ -207,7 +214,7 @@ def capture_graph(fn, *inputs):
 
 
 def _capture_graph(fn, inputs):
-    global _capturing, _sim_ops
+    global _capturing, _sim_ops, _sim_stream, _sim_streams
     graph = result = error = None
     if is_cupy(inputs[0]):
         stream = _backend._cupy.cuda.Stream(non_blocking=True)
@@ -229,11 +236,12 @@ def _capture_graph(fn, inputs):
             error = RuntimeError("the stream capture ended without a graph")
         return (None, None, error) if error is not None else (_CudaGraph(graph), result, None)
     ops = []
-    _capturing, _sim_ops = True, ops
+    _sim_streams += 1
+    _capturing, _sim_ops, _sim_stream = True, ops, 0x5000 + _sim_streams
     try:
         result = fn(*(_captured(a) for a in inputs))
     except Exception as e:                  # noqa: BLE001 - as on "cuda"
         error = e
     finally:
-        _capturing, _sim_ops = False, None
+        _capturing, _sim_ops, _sim_stream = False, None, 0
     return (None, None, error) if error is not None else (_SimGraph(ops), _plain(result), None)
