@@ -2,8 +2,9 @@
 
 "sim" captures too, and refuses what CUDA and CuPy refuse while capturing, in their words, so that a step that
 cannot be captured on a GPU cannot be captured on "sim" either: a read on the host, a sync, an allocation
-outside the step's workspace, cuBLAS through CuPy. Device work queued meanwhile is recorded (:func:`enqueue`)
-and replayed by the graph."""
+outside the step's workspace, cuBLAS through CuPy (gpucnn.blas's "cupy" provider; its "nvmath" provider's cuBLAS
+calls are checked against cuBLAS's own capture rules in gpucnn.simblas). Device work queued meanwhile is
+recorded (:func:`enqueue`) and replayed by the graph."""
 from __future__ import annotations
 
 import numpy as np

@@ -363,6 +363,30 @@ def test_sim_fit_replays_one_graph_per_batch_shape_and_equals_eager_fit(rng, pro
     assert all(np.array_equal(pg[k], pe[k]) for k in pe), [k for k in pe if not np.array_equal(pg[k], pe[k])]
 
 
+@pytest.mark.sim
+@nvmath_provider
+def test_sim_switching_a_layers_algorithm_after_a_capture_is_not_replayed_from_the_old_graph(rng, provider):
+    """models.use_winograd between steps of one batch shape: the captured Winograd step must not replay for the
+    GEMM algorithm (the step runs once eagerly on the new path, then is captured again), so graphed training
+    equals eager training."""
+    from test_winograd import _twin_nets
+    seed = int(rng.integers(2 ** 31))
+    batches = _batches(rng, [(2, 2, 8, 10)] * 6, 1)
+    batches = [(x, y % 5) for x, y in batches]
+    runs = []
+    for graph in (True, False):
+        model = _twin_nets(np.random.default_rng(seed), "winograd", "float32")
+        opt, loss = _sgd(model), SoftmaxCrossEntropy()
+        values = []
+        for t, (x, y) in enumerate(batches):
+            models.use_winograd(model, t < 3)
+            values.append(float(model.train_step(x, y, loss, opt, graph=graph)))
+        runs.append((model, opt, loss, values))
+    (st,) = runs[0][0]._steps.values()
+    assert isinstance(st.graph, capture._SimGraph) and "gemm" in st.fingerprint and "winograd" not in st.fingerprint
+    _assert_same_training(*runs)
+
+
 # ------------------------------------------------------------------------------------------------ CuPy's words
 
 def test_the_sync_message_is_cudas_as_cupy_words_it():
