@@ -177,7 +177,7 @@ def gemm_call(a, b, out, tf32=False):
     that is itself a transposed view is computed as out^T = b^T a^T."""
     if not (a.dtype == b.dtype == out.dtype and a.dtype in _TYPES):
         return f"dtypes {a.dtype} @ {b.dtype} -> {out.dtype} (cuBLAS here: float32 or float64 throughout)"
-    if not (2 <= a.ndim <= out.ndim and 2 <= b.ndim <= out.ndim <= 3):
+    if not (2 <= min(a.ndim, b.ndim) and max(a.ndim, b.ndim) == out.ndim <= 3):
         return f"{a.ndim}-d @ {b.ndim}-d -> {out.ndim}-d operands (2-d, or 3-d for a batch)"
     (m, k), (k_, n) = a.shape[-2:], b.shape[-2:]
     if k != k_ or tuple(out.shape[-2:]) != (m, n) or min(m, n, k) == 0:
@@ -268,9 +268,9 @@ def _handle(a):
                                     "eagerly first (Sequential.train_step does)")
     try:
         lib = _nvmath() if cupy else _sim
-        size = _sim.workspace_bytes(_compute_capability() if cupy else _sim.COMPUTE_CAPABILITY)
+        size = _sim.workspace_bytes(_compute_capability(a.device) if cupy else _sim.COMPUTE_CAPABILITY)
         h = _handles[key] = _Handle(lib, xp(a).empty(size, dtype=np.uint8))
-    except Exception as e:      # noqa: BLE001 - no cuBLAS library, no nvmath: said once, then CuPy's GEMMs
+    except Exception as e:      # no cuBLAS library, no nvmath: said once, then CuPy's GEMMs
         if not cupy:
             raise
         global _provider
@@ -327,9 +327,9 @@ def set_precision(precision: str) -> str:
     return old
 
 
-def _compute_capability() -> tuple:
-    """(major, minor) of CuPy's current GPU."""
-    cc = str(_backend._cupy.cuda.Device().compute_capability)       # "90" for 9.0
+def _compute_capability(device=None) -> tuple:
+    """(major, minor) of ``device`` (a CuPy Device; default: CuPy's current GPU)."""
+    cc = str((device or _backend._cupy.cuda.Device()).compute_capability)       # "90" for 9.0
     return int(cc[:-1]), int(cc[-1])
 
 

@@ -16,6 +16,7 @@ from gpucnn import backend, blas, capture, models, optim, simblas
 from gpucnn.losses import SoftmaxCrossEntropy
 from gpucnn.memory import _address
 from conftest import GPU_PROBLEM, assert_close
+from test_capture import _capture
 
 
 @pytest.fixture
@@ -74,6 +75,7 @@ def test_gemm_call_says_why_it_cannot_read_an_operand_in_place():
     assert "not chaining" in blas.gemm_call(a[:3, :3], b, out)
     assert "an output of strides" in blas.gemm_call(a[:3, :4], b, np.empty((6, 6), np.float32)[::2, ::2])
     assert "a batch of 2" in blas.gemm_call(np.empty((3, 3, 4), np.float32), b, np.empty((2, 3, 3), np.float32))
+    assert "2-d @ 2-d -> 3-d" in blas.gemm_call(a[:3, :4], b, np.empty((2, 3, 3), np.float32))
 
 
 def test_the_enums_are_nvmaths():
@@ -152,7 +154,7 @@ def test_sim_every_layout_is_read_in_place(shapes, la, lb, dtype, rng, nvmath_pr
     shape = np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1])
     outs = {"a new output": None, "a transposed output": np.empty(shape[:-2] + shape[:-3:-1], dtype).swapaxes(-1, -2)}
     for what, out in outs.items():
-        before = dict(simblas.CALLS)
+        calls.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")              # no fallback to cupy.matmul
             got = blas.matmul(a, b, out=out)
@@ -200,18 +202,6 @@ def test_sim_a_layout_cublas_cannot_read_falls_back_once_and_loudly(rng, nvmath_
 
 
 # ------------------------------------------------------------------------------------------------ the capture rules
-
-def _capture(body, x):
-    """Capture ``body(x)`` inside a workspace whose plan an eager run of the same body made first."""
-    arena = backend.Arena()
-
-    def fn(x):
-        with backend.workspace(arena):
-            return body(x)
-
-    fn(x)
-    return backend.capture_graph(fn, x)
-
 
 @pytest.mark.sim
 def test_sim_a_gemm_is_captured_and_its_launch_computes_the_new_inputs(rng, nvmath_provider):
