@@ -2,8 +2,9 @@
 
 "sim" captures too, and refuses what CUDA and CuPy refuse while capturing, in their words, so that a step that
 cannot be captured on a GPU cannot be captured on "sim" either: a read on the host, a sync, an allocation
-outside the step's workspace, cuBLAS through CuPy. Device work queued meanwhile is recorded (:func:`enqueue`)
-and replayed by the graph."""
+outside the step's workspace, cuBLAS through CuPy (gpucnn.blas's "cupy" provider; its "nvmath" provider's cuBLAS
+calls are checked against cuBLAS's own capture rules in gpucnn.simblas). Device work queued meanwhile is
+recorded (:func:`enqueue`) and replayed by the graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,8 @@ _sim_ops = None         # while "sim" captures: the device work the step queued 
 CUBLAS_IN_CAPTURE = "calling cuBLAS API during stream capture is currently unsupported"
 D2H_IN_CAPTURE = "the current stream is capturing, so D2H transfers are disallowed"
 SYNC_IN_CAPTURE = "cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing"
-CUBLAS_CAPTURABLE = False   # CuPy refuses any cuBLAS call in a capture; tests lift it on "sim" to check the rest
+_sim_stream = 0         # "sim": the stream a capture records (a new number per capture, as "cuda" makes a new stream)
+_sim_streams = 0
 
 
 class CaptureError(RuntimeError):
@@ -159,6 +161,12 @@ class _CapturedNumPy:
 _captured_numpy = _CapturedNumPy()
 
 
+def current_stream(a=None) -> int:
+    """The stream device work on ``a`` is queued on now: CuPy's current stream for a CuPy array; on "sim" the
+    capturing stream's number during a capture, else 0 (the legacy default stream)."""
+    return int(_backend._cupy.cuda.get_current_stream().ptr) if is_cupy(a) else _sim_stream
+
+
 def enqueue(fn):
     """Run ``fn`` (device work: a kernel, a GEMM) now, or, while a graph is captured on "sim", record it for the
     graph's launches (on a GPU nothing runs while capturing either)."""
@@ -207,7 +215,7 @@ def capture_graph(fn, *inputs):
 
 
 def _capture_graph(fn, inputs):
-    global _capturing, _sim_ops
+    global _capturing, _sim_ops, _sim_stream, _sim_streams
     graph = result = error = None
     if is_cupy(inputs[0]):
         stream = _backend._cupy.cuda.Stream(non_blocking=True)
@@ -229,11 +237,12 @@ def _capture_graph(fn, inputs):
             error = RuntimeError("the stream capture ended without a graph")
         return (None, None, error) if error is not None else (_CudaGraph(graph), result, None)
     ops = []
-    _capturing, _sim_ops = True, ops
+    _sim_streams += 1
+    _capturing, _sim_ops, _sim_stream = True, ops, 0x5000 + _sim_streams
     try:
         result = fn(*(_captured(a) for a in inputs))
     except Exception as e:                  # noqa: BLE001 - as on "cuda"
         error = e
     finally:
-        _capturing, _sim_ops = False, None
+        _capturing, _sim_ops, _sim_stream = False, None, 0
     return (None, None, error) if error is not None else (_SimGraph(ops), _plain(result), None)

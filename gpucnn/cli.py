@@ -325,9 +325,12 @@ def cmd_info(args) -> int:
         except Exception as e:  # installed for another CUDA version, missing libraries, ...
             cupy_version = f"installed but does not import ({type(e).__name__}: {e})"
     versions = {"gpucnn": __version__, "python": platform.python_version(), "numpy": _version("numpy"),
-                "numba": _version("numba"), "numba-cuda": _version("numba-cuda"), "cupy": cupy_version}
+                "numba": _version("numba"), "numba-cuda": _version("numba-cuda"), "cupy": cupy_version,
+                "nvmath-python": _version("nvmath-python")}
     for name, v in versions.items():
         print(f"{name}: {v}")
+    from . import blas
+    print(f"gemm: {blas.describe()}")
     print("data:")
     for name in data.DATASETS:
         try:

@@ -358,7 +358,9 @@ class Sequential:
         if use_graph and st.graph is not False:
             fingerprint = self._fingerprint(flat, optimizer)
             if st.graph is not None and st.fingerprint != fingerprint:
-                st.graph = None         # the optimizer state or the parameters were replaced: capture again
+                # the optimizer state, the parameters or a layer's algorithm changed: two eager runs (the
+                # workspace drops its plan, then plans the new path), then capture again
+                st.graph, st.runs = None, -1
             if st.graph is None and st.runs >= 1:
                 self._capture(st, x, y, loss, optimizer, clip_norm, fingerprint)
             if st.graph:
@@ -384,12 +386,13 @@ class Sequential:
         return value
 
     def _fingerprint(self, flat, optimizer):
-        """The identity of every persistent array a captured step reads or writes besides its workspace."""
+        """The identity of every persistent array a captured step reads or writes besides its workspace, and the
+        layers' algorithms (and fusion) its kernels were captured for."""
         arrays = [flat.param, flat.grad, *getattr(optimizer, "flat_state", {}).values(),
                   getattr(optimizer, "_hyper_buf", None)]
         arrays += [getattr(layer, "_keys", None) for layer in self.layers]
         arrays += [a for layer in self.layers for a in layer.buffers.values()]
-        return tuple(id(a) for a in arrays)
+        return tuple(id(a) for a in arrays) + (self.fuse, *(getattr(layer, "algorithm", None) for layer in self.layers))
 
     def _host_counters(self, loss, optimizer):
         """The integers the step's Python advances (layer counters, the loss's and optimizer's step counts)."""

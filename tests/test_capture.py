@@ -3,9 +3,9 @@
 On an H200 no step was ever captured: CuPy refuses every cuBLAS call while a stream captures, so each batch
 shape warned and ran eagerly, and "sim", which never captured, could not notice. Now "sim" captures too and
 refuses what CUDA and CuPy refuse then, in their words: a host read of a device array, a sync, an allocation
-outside the step's workspace, a cuBLAS GEMM. With the GEMM rule lifted (standing for the later fix that makes
-the GEMMs capturable) a step captures, and its replay equals the eager step bit for bit: the rest of the
-step is capture-clean.
+outside the step's workspace, a GEMM through CuPy (the "cupy" provider). With the capture-safe provider
+("nvmath": cuBLAS on gpucnn's own handle, see gpucnn.blas; its rules in gpucnn.simblas) whole LeNet-5 and
+alexnet_small steps capture, and N replays equal N eager steps bit for bit.
 """
 import operator
 import warnings
@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from gpucnn import backend, capture, layers as L, models, optim
+from gpucnn import backend, blas, capture, layers as L, models, optim
 from gpucnn.elementwise import ElementwiseKernel
 from gpucnn.layers.base import Layer
 from gpucnn.losses import SoftmaxCrossEntropy
@@ -27,7 +27,19 @@ def _batches(rng, shapes, steps):
             for s in shapes for _ in range(steps)]
 
 
-def _train(make_model, make_opt, batches, graph, lr_at=None):
+@pytest.fixture(params=["cupy"])
+def provider(request, monkeypatch):
+    """The GEMM provider a test runs under (gpucnn.blas.use_provider), put back after it."""
+    monkeypatch.setattr(blas, "_provider", blas._provider)
+    blas.use_provider(request.param)
+    return request.param
+
+
+cupy_provider = pytest.mark.parametrize("provider", ["cupy"], indirect=True)
+nvmath_provider = pytest.mark.parametrize("provider", ["nvmath"], indirect=True)
+
+
+def _train(make_model, make_opt, batches, graph, lr_at=None, clip_norm=None):
     """Train a fresh model on ``batches``; returns (model, optimizer, loss, losses read after each step)."""
     model = make_model()
     opt, loss = make_opt(model), SoftmaxCrossEntropy()
@@ -35,7 +47,7 @@ def _train(make_model, make_opt, batches, graph, lr_at=None):
     for t, (x, y) in enumerate(batches):
         if t == lr_at:
             opt.lr = 0.01                   # a schedule's change, under replay
-        values.append(float(model.train_step(x, y, loss, opt, graph=graph)))
+        values.append(float(model.train_step(x, y, loss, opt, clip_norm=clip_norm, graph=graph)))
     return model, opt, loss, values
 
 
@@ -59,12 +71,14 @@ def _sgd(model):
     return optim.SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-# ------------------------------------------------------------------------------------------------ today: cuBLAS
+# ------------------------------------------------------------------------------------------------ cuBLAS through CuPy
 
 @pytest.mark.sim
-def test_sim_lenet5_capture_fails_on_cublas_warns_once_and_trains_as_eager(rng):
-    """What the H200 did: capturing LeNet-5's step fails with CuPy's own error at the first GEMM and the model
-    trains eagerly; one warning per model (not one per batch shape), and the same numbers as graph=False."""
+@cupy_provider
+def test_sim_lenet5_capture_fails_on_cublas_warns_once_and_trains_as_eager(rng, provider):
+    """What the H200 did (GEMMs through cupy.matmul): capturing LeNet-5's step fails with CuPy's own error at
+    the first GEMM, which then names the package that makes GEMMs capturable, and the model trains eagerly;
+    one warning per model (not one per batch shape), and the same numbers as graph=False."""
     make = lambda: models.lenet5(seed=0)
     batches = _batches(rng, [(2, 1, 28, 28), (1, 1, 28, 28)], 2)      # the second run of each shape captures
     with pytest.warns(UserWarning) as seen:
@@ -72,6 +86,7 @@ def test_sim_lenet5_capture_fails_on_cublas_warns_once_and_trains_as_eager(rng):
     assert len(seen) == 1, [str(w.message) for w in seen]
     message = str(seen[0].message)
     assert "NotImplementedError: calling cuBLAS API during stream capture is currently unsupported" in message
+    assert "install nvmath-python==1.0.1" in message
     assert "this model's steps run eagerly" in message and "29 per LeNet-5 step" in message
     assert "Other batch shapes that fail to capture fall back silently" in message
     assert [st.graph for st in graphed[0]._steps.values()] == [False, False]       # both shapes tried, failed
@@ -86,7 +101,8 @@ def _small():
 
 
 @pytest.mark.sim
-def test_sim_the_warning_is_once_per_model_not_once_per_process(rng):
+@cupy_provider
+def test_sim_the_warning_is_once_per_model_not_once_per_process(rng, provider):
     batches = _batches(rng, [(2, 1, 4, 4), (3, 1, 4, 4)], 2)
     with pytest.warns(UserWarning, match="cuBLAS") as seen:
         _train(_small, _sgd, batches, graph=True)
@@ -167,12 +183,22 @@ def test_sim_a_sync_in_a_capture_raises_cudas_error():
 
 
 @pytest.mark.sim
-def test_sim_a_gemm_in_a_capture_raises_cupys_cublas_error():
-    w = np.ones((3, 3), np.float32)
-    graph, _, error = _capture(lambda x: backend.matmul(x, w, out=backend.empty((2, 3), np.float32, x)),
-                               np.ones((2, 3), np.float32))
-    assert type(error) is NotImplementedError
-    assert str(error) == "calling cuBLAS API during stream capture is currently unsupported"
+@pytest.mark.parametrize("provider", ["cupy", "nvmath"], indirect=True)
+def test_sim_a_gemm_in_a_capture_raises_cupys_cublas_error_unless_capture_safe(provider, rng):
+    """Through cupy.matmul: CuPy's error, then which package enables graphs. Through the capture-safe
+    provider: recorded, and the graph's launch computes the GEMM of the inputs it then holds."""
+    w = rng.standard_normal((3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    graph, out, error = _capture(lambda x: backend.matmul(x, w, out=backend.empty((2, 3), np.float32, x)), x)
+    if provider == "cupy":
+        assert type(error) is NotImplementedError and graph is None
+        assert str(error).startswith("calling cuBLAS API during stream capture is currently unsupported (CuPy's "
+                                     "words: gpucnn's GEMMs go through cupy.matmul; install nvmath-python==1.0.1")
+        return
+    assert error is None, error
+    x[...] = rng.standard_normal((2, 3))
+    graph.launch()
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w, rtol=1e-6, atol=1e-6)
 
 
 _captured_run = {"now": False}     # True while the captured run, which asks for what the eager run did not
@@ -258,9 +284,9 @@ class _Peek(Layer):
 
 
 @pytest.mark.sim
-def test_sim_a_layer_that_reads_on_the_host_cannot_be_captured(rng, monkeypatch):
-    """The capture finds a hidden host read in a step even with the GEMM rule lifted: the step falls back."""
-    monkeypatch.setattr(capture, "CUBLAS_CAPTURABLE", True)
+@nvmath_provider
+def test_sim_a_layer_that_reads_on_the_host_cannot_be_captured(rng, provider):
+    """The capture finds a hidden host read in a step whose GEMMs are capturable: the step falls back."""
     make = lambda: Sequential([L.Flatten(), _Peek(), L.Dense(16, 10, rng=np.random.default_rng(0))],
                               input_shape=(1, 4, 4))
     batches = _batches(rng, [(2, 1, 4, 4)], 3)
@@ -278,27 +304,87 @@ def _dropout_net():
                        L.Dropout(0.25, seed=5), L.Dense(16, 10, rng=rng)], input_shape=(1, 28, 28))
 
 
+def _adam(model):
+    return optim.Adam(model, lr=0.01, weight_decay=1e-4)
+
+
+NETS = {    # name -> (model, optimizer, clip_norm, batch shapes in step order)
+    "lenet5 sgd": (lambda: models.lenet5(seed=0), _sgd, None, "aabbab"),
+    "lenet5 adam clipped": (lambda: models.lenet5(seed=0), _adam, 0.5, "aabbab"),
+    "alexnet_small sgd": (lambda: models.alexnet_small(input_size=8, seed=0), _sgd, None, "aaa"),
+    "dropout adam": (_dropout_net, _adam, None, "aabbab"),
+}
+
+
 @pytest.mark.sim
-@pytest.mark.parametrize("net", ["lenet5", "dropout_adam"])
-def test_sim_without_the_gemm_rule_a_step_captures_and_replays_bit_for_bit(net, rng, monkeypatch):
-    """With cuBLAS capturable (the later fix), LeNet-5 (SGD with momentum) and a net with dropout (Adam) capture
-    at their second step and replay the recorded device work: the losses, weights, optimizer state and host
-    counters equal eager training's to the bit, with the learning rate changed between steps 3 and 4 and the
-    dropout keys changing every step. So the step reads nothing on the host, syncs never, allocates nothing
-    outside its workspace, and bakes no per-step value into its kernels' arguments."""
-    monkeypatch.setattr(capture, "CUBLAS_CAPTURABLE", True)
-    if net == "lenet5":
-        make, make_opt = (lambda: models.lenet5(seed=0)), _sgd
-    else:
-        make, make_opt = _dropout_net, (lambda m: optim.Adam(m, lr=0.01, weight_decay=1e-4))
-    batches = _batches(rng, [(2, 1, 28, 28)], 4)      # eager, captured and replayed, replayed twice
+@nvmath_provider
+@pytest.mark.parametrize("net", list(NETS))
+def test_sim_a_whole_step_is_captured_and_n_replays_equal_n_eager_steps_bit_for_bit(net, rng, provider):
+    """With the capture-safe GEMM, LeNet-5 (SGD with momentum; Adam with clipping), alexnet_small (SGD,
+    dropout) and a net with dropout (Adam) capture at the second step of a batch shape and replay the recorded
+    device work (LeNet-5 and the dropout net with two batch shapes, each with a graph of its own): the losses,
+    weights, optimizer state and host counters equal eager training's to the bit, with the learning rate changed
+    between steps and the dropout keys changing every step. So the step reads nothing on the host, syncs never,
+    allocates nothing outside its workspace, and bakes no per-step value into its kernels' (or GEMMs') arguments.
+    (alexnet_small: one batch shape, 3 steps, at 8x8: the simulator takes minutes per step of it otherwise.)"""
+    make, make_opt, clip, plan = NETS[net]
+    size = (1, 8, 8) if net.startswith("alexnet") else (1, 28, 28)
+    shapes = {"a": (2,) + size if len(plan) > 3 else (1,) + size, "b": (1,) + size}
+    batches = _batches(rng, [shapes[c] for c in plan], 1)     # eager, captured (each shape), then replays
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # no capture failed
-        graphed = _train(make, make_opt, batches, graph=True, lr_at=3)
-        eager = _train(make, make_opt, batches, graph=False, lr_at=3)
-    (st,) = graphed[0]._steps.values()
-    assert isinstance(st.graph, capture._SimGraph) and len(st.graph.ops) >= 20
+        graphed = _train(make, make_opt, batches, graph=True, lr_at=len(plan) - 1, clip_norm=clip)
+        eager = _train(make, make_opt, batches, graph=False, lr_at=len(plan) - 1, clip_norm=clip)
+    graphs = [st.graph for st in graphed[0]._steps.values()]
+    assert len(graphs) == len(set(plan)) and all(isinstance(g, capture._SimGraph) and len(g.ops) >= 20
+                                                 for g in graphs)
     _assert_same_training(graphed, eager)
+
+
+@pytest.mark.sim
+@nvmath_provider
+def test_sim_fit_replays_one_graph_per_batch_shape_and_equals_eager_fit(rng, provider):
+    """fit over 5 images in batches of 2 (shapes 2, 2, 1) for 2 epochs: each shape's step is captured (at its second
+    run), then replayed; history and weights equal an eager fit's to the bit."""
+    x = rng.integers(0, 256, (5, 1, 28, 28)).astype(np.uint8)
+    y = rng.integers(0, 10, 5)
+    runs = {}
+    for graph in (True, False):
+        model = models.lenet5(seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            history = model.fit((x, y), epochs=2, batch_size=2, optimizer=_adam(model), clip_norm=1.0, verbose=0,
+                                graph=graph)
+        runs[graph] = model, history
+    (graphed, h_graph), (eager, h_eager) = runs[True], runs[False]
+    assert sorted(st.x.shape[0] for st in graphed._steps.values() if st.graph) == [1, 2]
+    assert h_graph["loss"] == h_eager["loss"] and h_graph["accuracy"] == h_eager["accuracy"]
+    pg, pe = _params(graphed), _params(eager)
+    assert all(np.array_equal(pg[k], pe[k]) for k in pe), [k for k in pe if not np.array_equal(pg[k], pe[k])]
+
+
+@pytest.mark.sim
+@nvmath_provider
+def test_sim_switching_a_layers_algorithm_after_a_capture_is_not_replayed_from_the_old_graph(rng, provider):
+    """models.use_winograd between steps of one batch shape: the captured Winograd step must not replay for the
+    GEMM algorithm (the step runs once eagerly on the new path, then is captured again), so graphed training
+    equals eager training."""
+    from test_winograd import _twin_nets
+    seed = int(rng.integers(2 ** 31))
+    batches = _batches(rng, [(2, 2, 8, 10)] * 6, 1)
+    batches = [(x, y % 5) for x, y in batches]
+    runs = []
+    for graph in (True, False):
+        model = _twin_nets(np.random.default_rng(seed), "winograd", "float32")
+        opt, loss = _sgd(model), SoftmaxCrossEntropy()
+        values = []
+        for t, (x, y) in enumerate(batches):
+            models.use_winograd(model, t < 3)
+            values.append(float(model.train_step(x, y, loss, opt, graph=graph)))
+        runs.append((model, opt, loss, values))
+    (st,) = runs[0][0]._steps.values()
+    assert isinstance(st.graph, capture._SimGraph) and "gemm" in st.fingerprint and "winograd" not in st.fingerprint
+    _assert_same_training(*runs)
 
 
 # ------------------------------------------------------------------------------------------------ CuPy's words

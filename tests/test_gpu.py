@@ -413,3 +413,84 @@ def test_a_block_too_large_for_the_kernels_registers_is_a_clear_error():
     except backend.LaunchError as e:
         spec_limit = str(e)
     assert spec_limit and "registers per thread" in spec_limit, spec_limit
+
+
+# ---------------------------------------------------------------------------------------- the capture-safe GEMM
+
+@pytest.fixture
+def nvmath_provider(monkeypatch):
+    cublas = pytest.importorskip("nvmath.bindings.cublas", reason="nvmath-python is not installed here")
+    from gpucnn import blas
+    monkeypatch.setattr(blas, "_provider", blas._provider)
+    blas.use_provider("nvmath")
+    yield cublas
+    gpucnn.set_precision("fp32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["rows", "a.T", "b.T", "both.T", "out.T", "padded", "batch", "batch @ shared"])
+def test_nvmath_gemm_reads_every_layout_in_place(case, dtype, rng, nvmath_provider):
+    """gpucnn's own cuBLAS calls (gpucnn.blas.gemm_call) against float64 NumPy, on the layouts the layers pass:
+    row-major, transposed views (conv's col.T, w.T), an output that is a transposed view, rows of a wider
+    array, and batches (Winograd's 16 GEMMs in one call)."""
+    from gpucnn import blas
+    m, k, n = 96, 75, 130
+    sa, sb = ((16, m, k), (16, k, n)) if case == "batch" else ((16, m, k), (k, n)) if case == "batch @ shared" \
+        else ((m, k), (k, n))
+    a = rng.standard_normal(sa).astype(dtype)
+    b = rng.standard_normal(sb).astype(dtype)
+    ga, gb = gpucnn.asarray(a), gpucnn.asarray(b)
+    if case in ("a.T", "both.T"):
+        ga = gpucnn.asarray(np.ascontiguousarray(a.swapaxes(-1, -2))).swapaxes(-1, -2)
+    if case in ("b.T", "both.T"):
+        gb = gpucnn.asarray(np.ascontiguousarray(b.swapaxes(-1, -2))).swapaxes(-1, -2)
+    if case == "padded":
+        ga = gpucnn.asarray(np.pad(a, ((0, 0), (2, 3))))[:, 2:2 + k]
+    out = None
+    if case == "out.T":
+        out = gpucnn.asarray(np.zeros((n, m), dtype)).T
+    shape = np.broadcast_shapes(sa[:-2], sb[:-2]) + (m, n)
+    assert not isinstance(blas.gemm_call(ga, gb, out if out is not None else gpucnn.asarray(np.empty(shape, dtype))),
+                          str), "not read in place"
+    y = backend.matmul(ga, gb, out=out)
+    assert blas.provider() == "nvmath", "cuBLAS through nvmath did not start (see the warning)"
+    assert_close(gpucnn.to_numpy(y), a.astype(np.float64) @ b.astype(np.float64), dtype, case)
+
+
+def test_nvmath_handle_is_set_up_for_capture(rng, nvmath_provider):
+    """gpucnn's handle: pointer mode host, default math (no TF32 unless the compute type asks), and the workspace
+    NVIDIA asks for on this GPU, set on the current stream."""
+    from gpucnn import blas
+    cublas = nvmath_provider
+    backend.matmul(gpucnn.asarray(rng.standard_normal((8, 8)).astype(np.float32)),
+                   gpucnn.asarray(rng.standard_normal((8, 8)).astype(np.float32)))
+    import cupy
+    h = blas._handles[("cuda", cupy.cuda.Device().id)]
+    assert cublas.get_pointer_mode(h.ptr) == cublas.PointerMode.HOST
+    assert cublas.get_math_mode(h.ptr) == cublas.Math.DEFAULT_MATH
+    assert cublas.get_stream(h.ptr) == cupy.cuda.get_current_stream().ptr
+    assert h.workspace.nbytes == blas._sim.workspace_bytes(blas._compute_capability())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_nvmath_gemm_is_captured_in_a_cuda_graph_and_replays_bit_for_bit(precision, rng, nvmath_provider):
+    """One GEMM (conv's weight gradient: gz @ col.T) captured by backend.capture_graph on a real stream: the
+    capture succeeds, and each replay on new inputs equals the eager GEMM of those inputs to the bit."""
+    from gpucnn import blas
+    if precision == "tf32" and blas._compute_capability() < (8, 0):
+        pytest.skip("no TF32 tensor cores below compute capability 8.0")
+    gpucnn.set_precision(precision)
+    gz = gpucnn.asarray(rng.standard_normal((64, 3000)).astype(np.float32))
+    col = gpucnn.asarray(rng.standard_normal((150, 3000)).astype(np.float32))
+    out = gpucnn.asarray(np.zeros((64, 150), np.float32))
+    backend.matmul(gz, col.T, out=out)                  # eager first: the handle and workspace exist before
+    graph, _, error = backend.capture_graph(lambda gz, col: backend.matmul(gz, col.T, out=out), gz, col)
+    assert error is None, f"{type(error).__name__}: {error}"
+    for _ in range(3):
+        gz[...] = gpucnn.asarray(rng.standard_normal((64, 3000)).astype(np.float32))
+        col[...] = gpucnn.asarray(rng.standard_normal((150, 3000)).astype(np.float32))
+        graph.launch()
+        backend.synchronize()
+        replayed = gpucnn.to_numpy(out).copy()
+        eager = gpucnn.to_numpy(backend.matmul(gz, col.T, out=gpucnn.asarray(np.zeros((64, 150), np.float32))))
+        np.testing.assert_array_equal(replayed, eager)

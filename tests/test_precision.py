@@ -14,6 +14,16 @@ def fp32_after():
     gpucnn.set_precision("fp32")
 
 
+@pytest.fixture(params=["cupy", "nvmath"])
+def provider(request, monkeypatch):
+    """Each GEMM provider (gpucnn.blas): cupy.matmul, and cuBLAS on gpucnn's handle through nvmath-python."""
+    if request.param == "nvmath" and request.node.get_closest_marker("gpu"):
+        pytest.importorskip("nvmath.bindings.cublas", reason="nvmath-python is not installed here")
+    monkeypatch.setattr(blas, "_provider", blas._provider)
+    blas.use_provider(request.param)
+    return request.param
+
+
 def tf32_reference(x, mode="truncate"):
     """An 11-bit significand (1 implicit + 10 stored) by frexp: an independent twin of backend.to_tf32's bit
     arithmetic. "truncate" (toward zero: what TF32 tensor cores read) or "nearest" (ties away from zero)."""
@@ -67,7 +77,7 @@ def test_cpu_gemms_ignore_tf32(rng):
 
 
 @pytest.mark.sim
-def test_sim_tf32_rounds_gemm_inputs_and_float64_is_untouched(rng):
+def test_sim_tf32_rounds_gemm_inputs_and_float64_is_untouched(rng, provider):
     layer = L.Dense(300, 5, rng=rng)
     x = rng.standard_normal((3, 300)).astype(np.float32)
     y32 = layer.forward(x)
@@ -81,8 +91,10 @@ def test_sim_tf32_rounds_gemm_inputs_and_float64_is_untouched(rng):
     layer64 = L.Dense(300, 5, dtype="float64", rng=rng)
     x64 = x.astype(np.float64)
     y64 = layer64.forward(x64)
+    gpucnn.set_precision("fp32")
+    np.testing.assert_array_equal(layer64.forward(x64), y64)           # float64: the same bits under either
     with backend.cpu_path():
-        np.testing.assert_array_equal(layer64.forward(x64), y64)
+        assert_close(layer64.forward(x64), y64, "float64", "float64 dense, sim vs cpu")
 
 
 @pytest.mark.sim
@@ -101,11 +113,12 @@ def test_sim_train_step_keeps_one_step_per_precision(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, k, n", [(256, 384, 128), (6, 25, 78400), (120, 400, 256), (4096, 2400, 64)])
-def test_gpu_tf32_is_cublas_tensor_float_and_fp32_is_full_float32(m, k, n, rng):
+def test_gpu_tf32_is_cublas_tensor_float_and_fp32_is_full_float32(m, k, n, rng, provider):
     """What cuBLAS's TF32 GEMM does to its inputs, on shapes that pick different kernels (LeNet's conv1, a
     dense layer, a tall AlexNet-like one): the result must match inputs truncated to 10 mantissa bits (the
     "sim" emulation) within float32 accumulation, and be farther from round-to-nearest. The first H200 run
-    measured 3.25e-5 from the nearest model (the old emulation) on the first shape."""
+    measured 3.25e-5 from the nearest model (the old emulation) on the first shape. Through both providers:
+    CuPy's compute type, and the compute type of gpucnn's own cuBLAS calls."""
     import cupy
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
@@ -119,6 +132,7 @@ def test_gpu_tf32_is_cublas_tensor_float_and_fp32_is_full_float32(m, k, n, rng):
     ga, gb = cupy.asarray(a), cupy.asarray(b)
     gpucnn.set_precision("fp32")
     y32 = backend.matmul(ga, gb).get()
+    assert blas.provider() == provider, "cuBLAS through nvmath did not start (see the warning)"
     assert rel(y32, exact) < 1e-5, "fp32 must not cut its inputs"
     cc = blas._compute_capability()
     if cc < (8, 0):
