@@ -14,7 +14,7 @@ from gpucnn import backend, losses, models, optim
 
 from .compare import FAIL, PASS, SKIP, TIME, XFAIL, Comparison, Result, _host
 
-CAPTURE_XFAIL = "expected failure: capture (GPU-speed issue)"
+CAPTURE_XFAIL = "expected failure: capture (GEMMs through cupy.matmul; install nvmath-python==1.0.1)"
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -65,7 +65,7 @@ CUBLAS_IN_CAPTURE = getattr(backend, "CUBLAS_IN_CAPTURE",
 
 
 def _capture_unsupported(message: str) -> bool:
-    """The known reason a capture fails today: CuPy refuses any cuBLAS call while a stream is capturing."""
+    """The known reason a capture fails without nvmath-python: CuPy refuses any cuBLAS call while a stream is capturing."""
     return "NotImplementedError" in message and CUBLAS_IN_CAPTURE in message
 
 
@@ -108,7 +108,7 @@ class Net:
         run = _train(self.make, self.batches, True, paths.device, paths.put, stop=never_tried)
         captured = _graphed(run.model)
         if not captured and not run.about_graphs and paths.device == "sim":
-            return Result(SKIP, "", "skipped: graphs are captured on cuda only")
+            return Result(SKIP, "", "skipped: no capture was tried")
         eager = self.eager(paths)
         differ = [k for k, v in eager.params.items() if not np.array_equal(run.params[k], v)]
         same = run.values == eager.values and not differ
