@@ -65,7 +65,8 @@ CUBLAS_IN_CAPTURE = getattr(backend, "CUBLAS_IN_CAPTURE",
 
 
 def _capture_unsupported(message: str) -> bool:
-    """The known reason a capture fails without nvmath-python: CuPy refuses any cuBLAS call while a stream is capturing."""
+    """The known reason a capture fails without nvmath-python: CuPy refuses any cuBLAS call while a stream
+    is capturing."""
     return "NotImplementedError" in message and CUBLAS_IN_CAPTURE in message
 
 
