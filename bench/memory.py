@@ -80,10 +80,10 @@ def step_memory(name, batch, make, skip=True, seed=0):
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
     y = rng.integers(0, model.output_shape[0], batch)
     with shapes_only() if skip else contextlib.nullcontext():
-        for _ in range(2):
-            model.train_step(x, y, loss, opt)
+        for _ in range(2):          # eager steps (graph=False): what is counted is the step's own launches and plan
+            model.train_step(x, y, loss, opt, graph=False)
         with gpucnn.profile() as p:
-            model.train_step(x, y, loss, opt)
+            model.train_step(x, y, loss, opt, graph=False)
     (st,) = model._steps.values()
     arena = st.arena
     flat = model.flat
