@@ -30,6 +30,7 @@ EXAMPLES = {                                     # example -> the pictures it wr
     "invariance": ["invariance.png", "invariance_features.png"],
     "custom_layer": ["custom_layer.png"],
     "ordinal_coral": ["rotations.png", "curves.png", "mae_per_rank.png"],
+    "conv_autoencoder": ["autoencoder.png", "curves.png", "san_images.png", "san_metrics.png"],
 }
 
 
@@ -220,3 +221,58 @@ def test_ordinal_coral_prints_table_1_in_miniature(run, data_env):
         assert got == table
     consistent = lines(stdout, r"^ +rank consistency: P\(rank > k\) non-increasing in k for ([\d.]+)% of the \d+ test")
     assert len(consistent) == 3 and all(0 <= float(c) <= 100 for c in consistent)
+
+
+def _example_module(name):
+    """examples/NAME.py imported (not run), as another example imports it."""
+    import importlib
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+
+def test_conv_autoencoder_shapes_and_saved_model(run):
+    from gpucnn.model import Sequential
+    ca = _example_module("conv_autoencoder")
+    encoder = Sequential(ca.encoder_layers(np.random.default_rng(5)), input_shape=(1, 28, 28))
+    assert encoder.output_shape == (8, 7, 7)
+    assert Sequential(ca.decoder_layers(), input_shape=(8, 7, 7)).output_shape == (1, 28, 28)
+    stdout, out = run("conv_autoencoder")
+    lines(stdout, r"^bottleneck: 8x7x7 = 392 numbers of 784 pixels$")
+    model = Sequential.load(str(out / "autoencoder.npz"))
+    made = ca.encoder_layers() + ca.decoder_layers()
+    assert [type(l).__name__ for l in model.layers] == [type(l).__name__ for l in made]
+    assert model.num_params() == 14217
+
+
+def _have_fashion_mnist() -> bool:
+    try:
+        data.locate("fashion-mnist")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def test_conv_autoencoder_learns_and_the_perturbation_fools_the_fixed_classifier(run):
+    stdout, _ = run("conv_autoencoder")
+    test_bce = [float(v) for v in lines(stdout, r"^autoencoder epoch \d+/\d+: .*test BCE (\S+)")]
+    assert len(test_bce) >= 3 and np.isfinite(test_bce).all()
+    assert test_bce[-1] < test_bce[0]                           # the reconstruction loss falls
+    floor = float(lines(stdout, r"^BCE of the test images against themselves .*: (\S+)$")[0])
+    rows = lines(stdout, r"^(fixed attribute classifier accuracy|attribute classifier trained anew|matcher top-1|"
+                         r"reconstruction loss \(BCE\)) +(\S+) +(\S+) +(\S+)$")
+    table = {row: [float(v) for v in values] for row, *values in rows}
+    assert len(table) == 4 and all(np.isfinite(v).all() for v in table.values())
+    for row in ("fixed attribute classifier accuracy", "attribute classifier trained anew", "matcher top-1"):
+        assert all(0 <= v <= 1 for v in table[row]), (row, table[row])
+    original, reconstructed, perturbed = table["fixed attribute classifier accuracy"]
+    assert reconstructed >= original - 0.05                     # the plain autoencoder keeps the attribute
+    if _have_fashion_mnist():
+        assert perturbed < original                             # the perturbation fools the fixed classifier
+    else:   # the random stand-in has no attribute to hide: its classifier answers the majority class throughout
+        assert perturbed <= original
+    assert table["matcher top-1"][0] >= 0.95                    # a clean image finds itself
+    bce = table["reconstruction loss (BCE)"]
+    assert bce[0] == floor and min(bce[1:]) >= floor            # no image is nearer itself than it is
