@@ -4,6 +4,7 @@ counts, the weight-sharing identity, the edge detectors' response to the step im
 
 Each example runs once per test session (a module fixture); the tests then read what it printed and wrote.
 Without Fashion-MNIST installed, the examples read a small random set in the same files instead."""
+import json
 import os
 import re
 import subprocess
@@ -30,6 +31,9 @@ EXAMPLES = {                                     # example -> the pictures it wr
     "invariance": ["invariance.png", "invariance_features.png"],
     "custom_layer": ["custom_layer.png"],
     "ordinal_coral": ["rotations.png", "curves.png", "mae_per_rank.png"],
+    "conv_autoencoder": ["autoencoder.png", "curves.png", "san_images.png", "san_metrics.png"],
+    "two_towers": ["filters_towers.png", "curves.png"],
+    "architectures": ["top1_vs_operations.png"],
 }
 
 
@@ -220,3 +224,172 @@ def test_ordinal_coral_prints_table_1_in_miniature(run, data_env):
         assert got == table
     consistent = lines(stdout, r"^ +rank consistency: P\(rank > k\) non-increasing in k for ([\d.]+)% of the \d+ test")
     assert len(consistent) == 3 and all(0 <= float(c) <= 100 for c in consistent)
+
+
+def _example_module(name):
+    """examples/NAME.py imported (not run), as another example imports it."""
+    import importlib
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+
+def test_conv_autoencoder_shapes_and_saved_model(run):
+    from gpucnn.model import Sequential
+    ca = _example_module("conv_autoencoder")
+    encoder = Sequential(ca.encoder_layers(np.random.default_rng(5)), input_shape=(1, 28, 28))
+    assert encoder.output_shape == (8, 7, 7)
+    assert Sequential(ca.decoder_layers(), input_shape=(8, 7, 7)).output_shape == (1, 28, 28)
+    stdout, out = run("conv_autoencoder")
+    lines(stdout, r"^bottleneck: 8x7x7 = 392 numbers of 784 pixels$")
+    model = Sequential.load(str(out / "autoencoder.npz"))
+    made = ca.encoder_layers() + ca.decoder_layers()
+    assert [type(l).__name__ for l in model.layers] == [type(l).__name__ for l in made]
+    assert model.num_params() == 14217
+
+
+def _have_fashion_mnist() -> bool:
+    try:
+        data.locate("fashion-mnist")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def test_conv_autoencoder_learns_and_the_perturbation_fools_the_fixed_classifier(run):
+    stdout, _ = run("conv_autoencoder")
+    test_bce = [float(v) for v in lines(stdout, r"^autoencoder epoch \d+/\d+: .*test BCE (\S+)")]
+    assert len(test_bce) >= 3 and np.isfinite(test_bce).all()
+    assert test_bce[-1] < test_bce[0]                           # the reconstruction loss falls
+    floor = float(lines(stdout, r"^BCE of the test images against themselves .*: (\S+)$")[0])
+    rows = lines(stdout, r"^(fixed attribute classifier accuracy|attribute classifier trained anew|matcher top-1|"
+                         r"reconstruction loss \(BCE\)) +(\S+) +(\S+) +(\S+)$")
+    table = {row: [float(v) for v in values] for row, *values in rows}
+    assert len(table) == 4 and all(np.isfinite(v).all() for v in table.values())
+    for row in ("fixed attribute classifier accuracy", "attribute classifier trained anew", "matcher top-1"):
+        assert all(0 <= v <= 1 for v in table[row]), (row, table[row])
+    original, reconstructed, perturbed = table["fixed attribute classifier accuracy"]
+    assert reconstructed >= original - 0.05                     # the plain autoencoder keeps the attribute
+    if _have_fashion_mnist():
+        assert perturbed < original                             # the perturbation fools the fixed classifier
+    else:   # the random stand-in has no attribute to hide: its classifier answers the majority class throughout
+        assert perturbed <= original
+    assert table["matcher top-1"][0] >= 0.95                    # a clean image finds itself
+    bce = table["reconstruction loss (BCE)"]
+    assert bce[0] == floor and min(bce[1:]) >= floor            # no image is nearer itself than it is
+
+
+# --------------------------------------------------------------------- two_towers.py and architectures.py
+# The expected parameters and multiply-adds are written out from the layer shapes, not taken from gpucnn:
+# a convolution has out * in/groups * KH*KW weights (+ out biases) and uses each once per output position.
+
+def _conv(cin, cout, k, size, groups=1):
+    """(parameters, multiply-adds per image) of a k x k convolution whose output is size x size."""
+    weights = cout * cin // groups * k * k
+    return weights + cout, weights * size * size
+
+
+def _dense(n_in, n_out):
+    return n_in * n_out + n_out, n_in * n_out
+
+
+def _alexnet_small(groups):
+    """AlexNet-small at 28x28: its layers with weights, as (index, name, parameters, multiply-adds)."""
+    g = "Conv2D(groups=2)" if groups == 2 else "Conv2D"
+    return [(0, "Conv2D", *_conv(1, 64, 3, 28)), (3, g, *_conv(64, 192, 3, 14, groups)),
+            (6, "Conv2D", *_conv(192, 384, 3, 7)), (8, g, *_conv(384, 256, 3, 7, groups)),
+            (10, g, *_conv(256, 256, 3, 7, groups)), (15, "Dense", *_dense(2304, 1024)),
+            (18, "Dense", *_dense(1024, 1024)), (20, "Dense", *_dense(1024, 10))]
+
+
+def _number(s):
+    return int(s.replace(",", ""))
+
+
+def test_two_towers_prints_what_the_groups_save(run):
+    stdout, out = run("two_towers")
+    rows = lines(stdout, r"^(\d+) (Conv2D\(groups=2\)|Conv2D|Dense)" + r" +([\d,]+)" * 6 + "$")
+    one, two = _alexnet_small(1), _alexnet_small(2)
+    assert [(int(r[0]), r[1]) for r in rows] == [(i, name) for i, name, _, _ in two]
+    for r, (_, _, p1, m1), (_, _, p2, m2) in zip(rows, one, two):
+        assert [_number(v) for v in r[2:]] == [p1, p2, p1 - p2, m1, m2, m1 - m2]
+    P1, M1 = (sum(c) for c in list(zip(*one))[2:])
+    P2, M2 = (sum(c) for c in list(zip(*two))[2:])
+    assert (P1, P2) == (5_670_602, 5_670_602 - (64 * 192 + 384 * 256 + 256 * 256) * 9 // 2)
+    total = lines(stdout, r"^total" + r" +([\d,]+)" * 6 + "$")[0]
+    assert [_number(v) for v in total] == [P1, P2, P1 - P2, M1, M2, M1 - M2]
+    lines(stdout, rf"^groups=2 saves {P1 - P2:,} parameters \({(P1 - P2) / P1:.1%}\) and {M1 - M2:,} multiply-adds")
+    # the towers are apart: only the grouped conv2's first half sees conv1's first half
+    assert lines(stdout, r"^(AlexNet-small(?:, groups=2)?): changing conv1's maps 0-31 \(tower 1\) changes conv2's "
+                         r"maps (.*)$") == [("AlexNet-small", "0-191, 192 of 192"),
+                                            ("AlexNet-small, groups=2", "0-95, 96 of 192")]
+    shares = lines(stdout, r"^AlexNet-small.*: conv1 kernels \(64, 1, 3, 3\), mean DC share maps 0-31 ([\d.]+), "
+                           r"maps 32-63 ([\d.]+)$")
+    assert len(shares) == 2 and all(0 < float(v) < 1 for row in shares for v in row)
+    accuracy = dict(lines(stdout, r"^test accuracy, (AlexNet-small(?:, groups=2)?): ([01]\.\d{4}) "
+                                  r"\(64 test images\)$"))
+    assert set(accuracy) == {"AlexNet-small", "AlexNet-small, groups=2"}
+    saved = json.loads((out / "accuracies.json").read_text())
+    assert {v["label"]: f"{v['accuracy']:.4f}" for v in saved.values()} == accuracy
+    assert set(saved) == {"alexnet_small", "alexnet_small_groups2"}
+    assert all("2 epochs of 64 images = 4 steps of 32" in v["how"] and "seed 0" in v["how"] for v in saved.values())
+
+
+ARCHITECTURES = {           # label: (parameters, multiply-adds per image)
+    "LeNet-5 (tanh, avg pool)": (61_706, 416_520),
+    "LeNet-5 (ReLU, max pool)": (61_706, 416_520),
+    "AlexNet-small": tuple(map(sum, list(zip(*_alexnet_small(1)))[2:])),
+    "AlexNet-small, groups=2": tuple(map(sum, list(zip(*_alexnet_small(2)))[2:])),
+    "conv. autoencoder's encoder + linear probe": tuple(map(sum, zip(
+        _conv(1, 16, 3, 14), _conv(16, 32, 3, 7), _conv(32, 8, 3, 7), _dense(8 * 7 * 7, 10)))),
+}
+_TABLE_ROW = (r"^(LeNet-5 \(.*?\)|AlexNet-small(?:, groups=2)?|conv\. autoencoder's encoder \+ linear probe)"
+              r" +([\d,]+) +([\d,]+) +([01]\.\d{4})  (.*)$")
+
+
+def _table(stdout):
+    return {label: (_number(p), _number(m), float(a), how) for label, p, m, a, how in lines(stdout, _TABLE_ROW)}
+
+
+def test_architectures_table(run):
+    stdout, out = run("architectures")
+    table = _table(stdout)
+    assert {label: row[:2] for label, row in table.items()} == ARCHITECTURES
+    assert (ARCHITECTURES["AlexNet-small"][1], ARCHITECTURES["AlexNet-small, groups=2"][1]) == (130_313_216, 83_348_480)
+    for label, (_, _, accuracy, how) in table.items():
+        assert 0 <= accuracy <= 1 and "seed 0" in how and how.endswith("128 test images"), (label, how)
+        assert "1 epoch of 128 images = 4 steps of 32" in how, (label, how)
+    assert "probe 5 epochs = 20 steps of 32" in table["conv. autoencoder's encoder + linear probe"][3]
+    saved = json.loads((out / "accuracies.json").read_text())
+    assert sorted(round(v["accuracy"], 4) for v in saved.values()) == sorted(row[2] for row in table.values())
+
+
+def _architectures(env, out, history):
+    return subprocess.run([sys.executable, str(REPO / "examples" / "architectures.py"), "--quick", "--device", "cpu",
+                           "--out", str(out), "--history", str(history)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_architectures_takes_accuracies_from_a_history(data_env, tmp_path):
+    """--history with every net: nothing is trained, the table and the chart show the file's numbers."""
+    rng = np.random.default_rng()
+    keys = ["lenet5_tanh_avg", "lenet5_relu_max", "alexnet_small", "alexnet_small_groups2", "ae_probe"]
+    history = {k: {"accuracy": float(rng.uniform(0.5, 0.95)), "how": f"run {k} {rng.integers(1000)}"} for k in keys}
+    path = tmp_path / "accuracies.json"
+    path.write_text(json.dumps(history))
+    done = _architectures(data_env, tmp_path / "out", path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch 1/" not in done.stdout                                     # nothing trained
+    table = _table(done.stdout)
+    assert {label: row[:2] for label, row in table.items()} == ARCHITECTURES
+    saved = json.loads((tmp_path / "out" / "accuracies.json").read_text())
+    for k in keys:
+        label = saved[k]["label"]
+        assert table[label][2] == round(history[k]["accuracy"], 4)
+        assert table[label][3] == f"from {path}: {history[k]['how']}"
+    assert (tmp_path / "out" / "top1_vs_operations.png").is_file()
+    path.write_text(json.dumps({"vgg16": {"accuracy": 0.9, "how": "?"}}))
+    done = _architectures(data_env, tmp_path / "out", path)
+    assert done.returncode != 0 and "for nets among lenet5_tanh_avg" in done.stderr and "'vgg16'" in done.stderr
