@@ -375,7 +375,7 @@ def clip_grad_norm(model, max_norm: float):
 
     Computed on the device: on the GPU the scale stays a device scalar, so clipping never waits for the
     GPU; on the CPU the scale is read (free) and the multiplications are skipped when it is 1. For a
-    model with flat gradients (a Sequential) it is one pass over the flat gradient (3 launches on the GPU).
+    model with flat gradients (a Sequential) it is one pass over the flat gradient (2 launches on the GPU).
     """
     if not max_norm > 0:
         raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")

@@ -468,7 +468,7 @@ def conv2d_backward(x_shape, col, w, gy, stride, padding, need_gx: bool = True, 
 
 
 def _bias_grad(gy2):
-    """The sum of each row of gy2 (Cout, L): dL/db (one block per row on the GPU)."""
+    """The sum of each row of gy2 (Cout, L): dL/db (many blocks per row on the GPU, see kernels.reduce)."""
     Cout, L = gy2.shape
     return activation_bias_backward(gy2.reshape(1, Cout, L), None, "identity")[1]
 
