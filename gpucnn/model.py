@@ -28,8 +28,8 @@ is captured once per batch shape as a CUDA graph (after one eager warm-up) and r
 copied into the graph's input buffers, and what changes per step (learning rate, Adam's step count,
 dropout keys) is written by the host into small device arrays the kernels read, before each replay.
 "sim" captures the same way and refuses what a capture on a GPU refuses (host reads, syncs, allocations
-outside the workspace, and for now cuBLAS, which CuPy does not let a graph capture: so today every capture
-falls back to eager steps, with one warning per model). The CPU runs the same plan with the NumPy twins:
+outside the workspace, and GEMMs through cupy.matmul, which CuPy does not let a graph capture: without
+nvmath-python every capture falls back to eager steps, with one warning per model; see gpucnn.blas). The CPU runs the same plan with the NumPy twins:
 bias and activation in place on the GEMM's output, pooling in the GEMM's layout (only the pooled result is
 transposed), no input gradient for the first layer, float32 throughout.
 
