@@ -314,8 +314,8 @@ def col2im(col, x_shape, KH: int, KW: int, stride, padding):
 class Saved:
     """What a convolution's backward reads, made by its algorithm's forward: the algorithm, the geometry, the
     lowered input (``lowered``: im2col's matrix, MEC's rows, Winograd's V) and what else backward reads
-    (``extra``: Winograd's U, which the caller releases after backward). ``drop(x)`` releases the lowered input
-    and keeps x in its place (Conv2D.RECOMPUTE_ABOVE); ``relower()`` makes it again, before backward."""
+    (``extra``: Winograd's U). ``drop(x)`` keeps x in the lowered input's place (the step runner's recompute
+    policy ended the lowered input's life: gpucnn.memory.keep_for_backward); ``relower()`` makes it again."""
 
     def __init__(self, algorithm, x_shape, kernel, stride, padding, lowered, extra=()):
         self.algorithm, self.x_shape, self.x = algorithm, tuple(x_shape), None
@@ -323,7 +323,6 @@ class Saved:
         self.lowered, self.extra = lowered, tuple(extra)
 
     def drop(self, x):
-        backend.release(self.lowered)
         self.lowered, self.x = None, x
 
     def relower(self):
@@ -369,8 +368,7 @@ class Im2colGemm:
 
     def grad_weight(self, saved, gz, out=None):
         """gw (Cout, C, KH, KW) = gz @ col.T, summed over every output position and image (the weights are
-        shared), into ``out`` when given (a flat gradient buffer's view). Within a training step the lowered
-        input is then released: grad_input's gcol, as large, may take its memory."""
+        shared), into ``out`` when given (a flat gradient buffer's view)."""
         col, (KH, KW), SH = saved.lowered, saved.kernel, saved.stride[0]
         Cout, C = gz.shape[0], saved.x_shape[1]
         if on_gpu(gz):
@@ -379,25 +377,28 @@ class Im2colGemm:
                         else backend.empty((Cout, K), col.dtype, col)).reshape(Cout, C, KH, KW)
         else:
             gw = mec.grad_weight(col, gz, KH, SH, out)
-        backend.release(col)
         return gw
 
-    def grad_input(self, saved, w, gz):
-        """gx (N, C, H, W) = col2im(w.T @ gz): each input's share of every output that read it."""
+    def grad_input(self, saved, w, gz, out=None):
+        """gx (N, C, H, W) = col2im(w.T @ gz): each input's share of every output that read it. GPU: w.T @ gz goes
+        into ``out`` when given (col's shape: the lowered input itself, when its owner reads it no more)."""
         Cout, C, KH, KW = w.shape
         (SH, SW), (PH, PW) = saved.stride, saved.padding
         if on_gpu(gz):
             gz2 = gz.reshape(Cout, -1)
-            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz))
+            gcol = matmul(w.reshape(Cout, -1).T, gz2, out=backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz)
+                          if out is None else out)
             gx = col2im(gcol, saved.x_shape, KH, KW, saved.stride, saved.padding)
-            backend.release(gcol)       # as large as col: its memory goes to the next request of the step
+            if out is None:
+                backend.release(gcol)   # (made here) as large as col: its memory goes to the next request of the step
             return gx
         return mec.grad_input(w, gz, saved.x_shape, SH, SW, PH, PW)
 
-    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
-        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed."""
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None, overwrite=False):
+        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed. ``overwrite``: the caller reads
+        the lowered input no more, so gx's lowering is written over it once gw has read it (one such buffer alive)."""
         gw = self.grad_weight(saved, gz, gw_out) if need_gw else None
-        gx = self.grad_input(saved, w, gz) if need_gx else None
+        gx = self.grad_input(saved, w, gz, saved.lowered if overwrite else None) if need_gx else None
         return gx, gw
 
 

@@ -379,18 +379,19 @@ class Winograd:
         return _output_transform(M, OH, OW), Saved(self, x.shape, 3, stride, padding, V, (U,))
 
     def grad_weight(self, saved, gz, out=None):
-        """gw alone (see backward); V is then released, as im2col's matrix is."""
+        """gw alone (see backward)."""
         return self.backward(saved, None, gz, need_gx=False, gw_out=out)[1]
 
     def grad_input(self, saved, w, gz):
         """gx alone (see backward)."""
         return self.backward(saved, w, gz, need_gw=False)[0]
 
-    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None, overwrite=False):
         """``(gx, gw)`` from gz = dL/dz in the GEMM layout, the adjoint of forward, None where not needed:
         gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
-        transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. Within a training step V is
-        released once gw has read it: gV, as large, may take its memory."""
+        transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. It releases only the temporaries it
+        allocates (gU, gV, gM), each once read: the step's later requests may have their memory. ``overwrite``: the
+        caller reads V no more, so gV (V's shape) is written over it once gw has read it."""
         V, (U,), x_shape = saved.lowered, saved.extra, saved.x_shape
         Cout, C = U.shape[1], U.shape[2]
         PH, PW, OH, OW, TH, TW = _sizes(x_shape, saved.padding)
@@ -401,12 +402,13 @@ class Winograd:
             gU = matmul(gM, V.reshape(16, C, T).transpose(0, 2, 1), out=backend.empty((16, Cout, C), gz.dtype, gz))
             gw9 = gw_out.reshape(Cout * C, 9) if gw_out is not None else backend.empty((Cout * C, 9), gz.dtype, gz)
             gw = matmul(gU.reshape(16, Cout * C).T, _kgg(gz.dtype, gz), out=gw9).reshape(Cout, C, 3, 3)  # G^T gU G
-            backend.release(gU, V)      # V is read no more: gV below, as large, may take its memory
+            backend.release(gU)         # read by no one else: gV below may take its memory
         if need_gx:
-            gV = backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
+            gV = V if overwrite else backend.empty((16, C, TH, TW, x_shape[0]), gz.dtype, gz)
             matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16, C, T))
             gx = _input_transform_adjoint(gV, x_shape, PH, PW)
-            backend.release(gV)
+            if not overwrite:
+                backend.release(gV)
         backend.release(gM)             # read by no one else: a later request of the step may have the memory
         return gx, gw
 
