@@ -136,8 +136,7 @@ class Arena:
         spans = [_span(a) for a in keep if getattr(a, "size", 0)]
         stop = self.cursor if stop is None else stop
         for k in sorted(k for k in self._live.values() if mark <= k < stop):
-            lo, hi = _span(self.buffers[k])
-            if not any(lo < b1 and b0 < hi for b0, b1 in spans):
+            if not overlap([_span(self.buffers[k])], spans):
                 self.release(self.buffers[k])
 
     def end(self):
