@@ -117,10 +117,12 @@ class Arena:
             self._live[_address(a)] = k
         return _capture._captured(a) if _capture._sim_ops is not None else a
 
-    def release(self, a) -> bool:
-        """``a`` (a buffer this run handed out, or a view starting where it starts) is read no more this run.
-        Returns whether it was one (in poison mode its whole buffer is then filled, see :func:`poison`)."""
-        k = self._live.pop(_address(a), None) if getattr(a, "size", 0) else None
+    def release(self, a, address=None) -> bool:
+        """``a`` (a buffer this run handed out, or a view starting where it starts; or its ``address``) is read no
+        more this run. Returns whether it was one (in poison mode its whole buffer is then filled: :func:`poison`)."""
+        if address is None and getattr(a, "size", 0):
+            address = _address(a)
+        k = self._live.pop(address, None) if address is not None else None
         if k is None:
             return False
         if self.recording and k < len(self.spans):
@@ -130,14 +132,14 @@ class Arena:
             _fill_poison(self.buffers[k])
         return True
 
-    def release_since(self, mark: int, keep=(), stop=None):
+    def release_since(self, mark: int, spans=(), stop=None):
         """Release every buffer handed out since request ``mark`` (and before ``stop``) and not released yet,
-        except those that share memory with an array of ``keep`` (in the order they were asked for)."""
-        spans = [_span(a) for a in keep if getattr(a, "size", 0)]
+        except those that share a byte with one of ``spans`` (see :func:`_span`), in the order they were asked for."""
         stop = self.cursor if stop is None else stop
-        for k in sorted(k for k in self._live.values() if mark <= k < stop):
-            if not overlap([_span(self.buffers[k])], spans):
-                self.release(self.buffers[k])
+        found = sorted((k, address) for address, k in self._live.items() if mark <= k < stop)
+        for k, address in found:                # (a buffer is contiguous: it covers nbytes from its address)
+            if not overlap([(address, address + self.buffers[k].nbytes)], spans):
+                self.release(None, address)
 
     def end(self):
         """After a run: lay the recorded buffers out by lifetime (once per recording)."""
@@ -194,6 +196,8 @@ def _address(a) -> int:
 def _span(a) -> tuple:
     """The bytes [low, high) that array ``a`` (device or host, any strides) covers."""
     lo = hi = _address(a)
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
     for n, s in zip(a.shape, a.strides):
         lo, hi = (lo + s * (n - 1), hi) if s < 0 else (lo, hi + s * (n - 1))
     return lo, hi + a.itemsize
@@ -243,12 +247,12 @@ def mark():
     return _arena.cursor if _arena is not None else None
 
 
-def release_since(mark_: int, keep=(), stop=None):
+def release_since(mark_: int, keep=(), stop=None, spans=()):
     """End the life of every workspace buffer handed out since ``mark_`` (see :func:`mark`; and before the mark
-    ``stop``) and still alive, except those sharing memory with an array of ``keep``: what a stage's forward or
-    backward made and does not keep."""
+    ``stop``) and still alive, except those sharing memory with an array of ``keep`` (or a byte with one of
+    ``spans``, :func:`_span`'s): what a stage's forward or backward made and does not keep."""
     if _arena is not None and mark_ is not None:
-        _arena.release_since(mark_, keep, stop)
+        _arena.release_since(mark_, [*spans, *(_span(a) for a in keep if getattr(a, "size", 0))], stop)
 
 
 def keep_for_backward(a) -> bool:

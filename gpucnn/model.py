@@ -9,10 +9,8 @@
 
 One training step is ``forward -> loss -> backward -> (clip) -> optimizer.step``: each layer's forward and
 backward call the kernels of its family, so a reader follows ``fit -> train_step -> layer ->
-gpucnn.kernels.<family>``.
-
-How a step runs (:meth:`Sequential.train_step`, which fit calls once per batch) is :mod:`gpucnn.step`'s
-business: the fused stages, the workspace and the end of each buffer's life, the CUDA graph.
+gpucnn.kernels.<family>``. How a step runs (fused stages, the workspace and each buffer's end of life, the CUDA
+graph) is :mod:`gpucnn.step`'s business.
 
 Inputs are raw images (uint8 or float, N x C x H x W) as the dataset holds them: the model converts a
 batch to its dtype and standardises it per channel, ``(x - input_mean) / input_std``, with the statistics

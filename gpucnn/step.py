@@ -201,36 +201,39 @@ class _Lifetimes:
         self.first = next((k for k, st in enumerate(stages) if any(l.params for l in st.layers)), len(stages))
         self.saved = [[] for _ in stages]   # per stage, (array, span) its backward reads
         self.made = [None] * len(stages)    # per undeclared stage, the requests of its forward, ended after backward
-        self.dead = []                      # arrays nobody reads, waiting for no live array to share their memory
+        self.dead = []                      # (array, span) nobody reads, waiting for no live array to share memory
         self.flow = []                      # the stage output or gradient the next stage reads, as (array, span)
         self.fixed = []
+        self._spans = {}                    # id -> (array, span): each array's bytes found once per step
         if self.on:
             flat = model.flat
+            self.grads = flat.grad          # (layers' gradients are views of it: no workspace buffer is)
             arrays = [x, y, flat.param, flat.grad, *getattr(optimizer, "flat_state", {}).values()]
-            arrays += [a for layer in model.layers for a in (*layer.params.values(), *layer.buffers.values())]
+            arrays += [a for layer in model.layers for a in layer.buffers.values()]    # (params: views of flat)
             self.keep(*arrays)
 
     def keep(self, *arrays):
         """Arrays whose lives this step never ends (the batch, the logits, the loss, persistent arrays)."""
         if self.on:
-            self.fixed += _pairs(arrays)
+            self.fixed += self._pairs(arrays)
 
     def forwarded(self, k, mark, x, out):
         """After stage k's forward (x -> out): what it made for nobody ends; x was read for the last time."""
         if not self.on:
             return
         declared = self.stages[k].head.saved
+        self.flow = self._pairs([out])
         if declared is None:                # undeclared: its input, output and all it made wait for its backward
             self.made[k] = (mark, memory.mark())
-            declared = (x, out)
+            declared = self._pairs([x, out])
         else:
-            memory.release_since(mark, keep=(out, *declared))
-        ended = [x] if k > 0 else []        # (the batch is never ended)
+            declared = self._pairs(declared)
+            memory.release_since(mark, spans=[s for _, s in (*self.flow, *declared)])
+        ended = self._pairs([x]) if k > 0 else []       # (the batch is never ended)
         if k >= self.first:
-            self.saved[k] = _pairs(declared)
+            self.saved[k] = declared
         else:                               # stages before the first with parameters run no backward
             ended += declared
-        self.flow = _pairs([out])
         self._end(ended)
 
     def backwarded(self, k, mark, gy, gx):
@@ -238,38 +241,46 @@ class _Lifetimes:
         stage declared (and, undeclared, all its forward made)."""
         if not self.on:
             return
-        layers = self.stages[k].layers
-        keep = [gx, *(g for layer in layers for g in layer.grads.values() if g is not None)]
-        memory.release_since(mark, keep)
-        self.flow = _pairs([gx])
-        ended = [a for a, _ in self.saved[k]]
+        self.flow = self._pairs([gx])
+        grads = [g for layer in self.stages[k].layers for g in layer.grads.values()
+                 if g is not None and g.base is not self.grads]
+        memory.release_since(mark, grads, spans=[s for _, s in self.flow])
+        ended = self.saved[k]
         self.saved[k] = []
         if self.made[k] is not None:
             start, stop = self.made[k]
             self.made[k] = None
-            memory.release_since(start, [a for a, _ in self._live()], stop)
-        self._end([gy, *ended])
+            memory.release_since(start, stop=stop, spans=[s for _, s in self._live()])
+        self._end(self._pairs([gy]) + ended)
 
     def _live(self):
         """(array, span) of everything still read: what the next stage reads, what backward reads, and the fixed."""
         return [*self.flow, *(p for saved in self.saved for p in saved), *self.fixed]
 
-    def _end(self, arrays):
-        """Add ``arrays`` to the dead and end the life of every dead one that shares no memory with a live one."""
-        self.dead += [a for a in arrays if a is not None and getattr(a, "size", 0)]
+    def _end(self, pairs):
+        """Add ``pairs`` to the dead and end the life of every dead one that shares no memory with a live one."""
+        self.dead += pairs
+        if not self.dead:
+            return
         live = [s for _, s in self._live()]
         waiting = []
-        for a in self.dead:
-            if memory.overlap([memory._span(a)], live):
-                waiting.append(a)
+        for a, span in self.dead:
+            if memory.overlap([span], live):
+                waiting.append((a, span))
             else:
                 memory.release(a)
         self.dead = waiting
 
-
-def _pairs(arrays) -> list:
-    """(array, the bytes it covers) of each array that has any."""
-    return [(a, memory._span(a)) for a in arrays if a is not None and getattr(a, "size", 0)]
+    def _pairs(self, arrays) -> list:
+        """(array, the bytes it covers) of each array that has any."""
+        out = []
+        for a in arrays:
+            if a is not None and getattr(a, "size", 0):
+                p = self._spans.get(id(a))
+                if p is None:       # (the pair holds the array: its id names no other while the step runs)
+                    p = self._spans[id(a)] = (a, memory._span(a))
+                out.append(p)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the step cache

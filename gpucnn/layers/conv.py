@@ -143,7 +143,7 @@ class Conv2D(Layer, metaclass=_RecomputeAlias):
             a, y, switches = A.bias_activation_pool(z, b, kind, slope, spec)
             y_shape = tuple(y.shape)
         self._saved = _Forward(conv, (kind, slope), a, spec, switches, y_shape)
-        self.save_for_backward(conv.lowered, conv.x, *conv.extra, a, switches)     # z ends here
+        self.save_for_backward(conv.lowered, conv.x, *conv.extra, a, switches)     # (z, not kept, ends here)
         return y
 
     def backward(self, gy):
