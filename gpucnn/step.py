@@ -20,9 +20,12 @@ Lifetimes. Everything the step allocates comes from a workspace arena kept per b
 from its second run a step allocates nothing. A buffer's life ends here, in one place (:class:`_Lifetimes`):
 what a stage's forward made and neither returned nor declared (``Layer.save_for_backward``) ends when it
 returns; a stage's output when the next stage's forward has read it, unless declared; what a layer declared,
-and the gradient it was given, once its backward has run; what a backward made and did not return, when it
-returns. Layers release nothing; a kernel function releases only temporaries it allocated itself (so that a
-later request of the same function may have their memory). Recompute is this runner's policy
+and the gradient it was given, once its backward has run (so that backward may write over it: Conv2D puts its
+input gradient's lowering in its lowered input's memory); what a backward made and did not return, when it
+returns; an array sharing memory with one still read (a view), when that one ends. Layers release nothing. A
+kernel function releases only temporaries it allocated itself, next to their last read, so that a later request
+of the same function may have their memory (the rule chosen over a scope object: it reads in place and keeps the
+kernels' code as it was). Recompute is this runner's policy
 (:data:`RECOMPUTE_ABOVE`): a lowered input larger than that is not kept but made again in backward. In poison
 mode (``GPUCNN_POISON=1``, :func:`gpucnn.memory.poison`) every array is filled with NaN at its end of life.
 
