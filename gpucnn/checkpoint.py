@@ -26,6 +26,7 @@ import zipfile
 import numpy as np
 
 from . import backend
+from .layers.base import LAYER_TYPES
 
 FORMAT = "gpucnn"
 VERSION = 1
@@ -245,3 +246,124 @@ def _check_header(path, header):
     if not isinstance(header.get("sha256"), str):
         raise CheckpointError(f"{path}: the header has no SHA-256 checksum")
 
+
+# ----------------------------------------------------------------------------------------------
+# a Sequential's tree: what gpucnn.model.Sequential saves (state, save) and rebuilds (load, fit's resume)
+
+def model_state(model) -> dict:
+    """The model as a checkpoint tree: architecture (class names + config), arrays, counters, statistics."""
+    return {
+        "input_shape": list(model.input_shape) if model.input_shape is not None else None,
+        "dtype": model.dtype.name,
+        "input_mean": model.input_mean,
+        "input_std": model.input_std,
+        "layers": [{"class": type(l).__name__, "config": l.config(), "params": dict(l.params),
+                    "buffers": dict(l.buffers), "state": _int_state(l)} for l in model.layers],
+    }
+
+
+def load_model(cls, path, device=None):
+    """Rebuild a Sequential (``cls``) saved by its save (or a checkpoint written by fit) on ``device`` (default:
+    the current one). Custom layer classes must be defined or imported before loading."""
+    tree = load(path)
+    spec = model_spec(tree, path)
+    layers = []
+    for i, ls in enumerate(spec["layers"]):
+        name = ls.get("class")
+        klass = LAYER_TYPES.get(name)
+        if klass is None:
+            raise CheckpointError(
+                f"{path}: layer {i} is of class {name!r}, which is not a known layer in this program. "
+                f"If it is your own layer, define or import your Layer subclass named {name} (subclassing "
+                "gpucnn.layers.Layer registers it by class name) before loading")
+        try:
+            layers.append(klass(**ls.get("config", {})))
+        except Exception as e:
+            raise CheckpointError(f"{path}: layer {i} ({name}) cannot be rebuilt from its saved config "
+                                  f"{ls.get('config')}: {type(e).__name__}: {e}") from None
+    try:
+        model = cls(layers, input_shape=spec.get("input_shape"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the saved layers do not form a valid model: {e}") from None
+    set_model_state(model, spec, path)
+    if device is not None and device != backend.device():
+        model.to(device)
+    return model
+
+
+def set_model_state(model, spec, where):
+    """Copy saved arrays, counters and statistics into ``model``'s own arrays (keeping their devices)."""
+    if len(spec["layers"]) != len(model.layers):
+        raise CheckpointError(f"{where}: holds {len(spec['layers'])} layers, the model has {len(model.layers)}")
+    for i, (layer, ls) in enumerate(zip(model.layers, spec["layers"])):
+        for kind in ("params", "buffers"):
+            mine, saved = getattr(layer, kind), ls.get(kind, {})
+            if set(mine) != set(saved):
+                raise CheckpointError(f"{where}: layer {i} ({layer.name}) has {kind} {sorted(mine)}, "
+                                      f"the file holds {sorted(saved)}")
+            for k, a in saved.items():
+                p = mine[k]
+                if not hasattr(a, "dtype") or tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
+                    got = f"{a.dtype}{tuple(a.shape)}" if hasattr(a, "dtype") else type(a).__name__
+                    raise CheckpointError(f"{where}: layer {i} ({layer.name}) {k} is {got} in the file, "
+                                          f"{p.dtype}{tuple(p.shape)} in the model")
+                p[...] = backend.asarray(a) if backend.is_cupy(p) else a
+        for k, v in (ls.get("state") or {}).items():
+            setattr(layer, k, int(v))
+        layer.grads = {k: None for k in layer.params}
+    mean, std = spec.get("input_mean"), spec.get("input_std")
+    model.input_mean = None if mean is None else np.asarray(mean, np.float64)
+    model.input_std = None if std is None else np.asarray(std, np.float64)
+    model._norm = None
+
+
+def training_tree(model, optimizer, epochs_done, history, seed, best) -> dict:
+    """What fit writes after each epoch: the model, and the epoch, seed, history, best score and optimizer state."""
+    return {"kind": "training", "model": model_state(model),
+            "training": {"epoch": epochs_done, "seed": seed, "history": history, "best": best,
+                         "optimizer": optimizer.state_dict()}}
+
+
+def resume(model, path, optimizer) -> dict:
+    """Load a training checkpoint into ``model`` and ``optimizer``; returns its "training" part."""
+    tree = load(path)
+    spec = model_spec(tree, path)
+    if tree.get("kind") != "training" or "training" not in tree:
+        raise CheckpointError(f"{path}: is a saved model, not a training checkpoint; resume takes the "
+                              "last.npz or best.npz that fit(checkpoint_dir=...) writes")
+    mine = [(type(l).__name__, as_json(l.config())) for l in model.layers]
+    theirs = [(ls.get("class"), ls.get("config")) for ls in spec["layers"]]
+    if mine != theirs:
+        diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        show = lambda lst: f"{lst[diff][0]}({lst[diff][1]})" if diff < len(lst) else "nothing"
+        raise CheckpointError(f"{path}: was written for a different model: layer {diff} is {show(theirs)} "
+                              f"there and {show(mine)} here")
+    set_model_state(model, spec, path)
+    t = tree["training"]
+    try:
+        optimizer.load_state_dict(t["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit: {e}") from None
+    return t
+
+
+def _int_state(layer) -> dict:
+    """A layer's public integer attributes beyond its config (Dropout's ``step``): saved so a resumed run
+    draws the same random numbers."""
+    cfg = layer.config()
+    return {k: int(v) for k, v in vars(layer).items()
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and not k.startswith("_") and k not in cfg}
+
+
+def model_spec(tree, path) -> dict:
+    """The model part of a loaded tree, or a clear error when the file holds none."""
+    spec = tree.get("model")
+    if tree.get("kind") not in ("model", "training") or not isinstance(spec, dict) \
+            or not isinstance(spec.get("layers"), list):
+        raise CheckpointError(f"{path}: is a gpucnn file but holds no model (kind {tree.get('kind')!r})")
+    return spec
+
+
+def as_json(value):
+    """``value`` as it comes back from JSON (tuples become lists), for comparing configs."""
+    return json.loads(json.dumps(value))

@@ -1,14 +1,21 @@
 """A training step's device memory: the workspace that hands a step the same buffers every run, laid out
-once by their lifetimes (Arena); :func:`release`, by which code says a buffer is read no more; and the
-out-of-memory errors that name the step and what to do."""
+once by their lifetimes (Arena); :func:`release`, by which a buffer's life ends; the poison mode that fills
+every buffer with NaN at its end of life; and the out-of-memory errors that name the step and what to do.
+
+Who ends a life: the step runner (gpucnn.step), from what layers declare (``Layer.save_for_backward``) and what
+each stage's forward and backward made (:func:`mark`, :func:`release_since`); a kernel function only for the
+temporaries it allocated itself; :func:`keep_for_backward`, the runner's recompute policy, for a lowered input
+not worth keeping. Layers release nothing."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
 from . import capture as _capture
 from .backend import _allocating, is_cupy, on_gpu, xp
+from .launch import skipping_work
 
 SIM_DEVICE_MEMORY = None    # bytes: on "sim" a larger allocation fails as on a GPU with that much free (tests)
 
@@ -78,6 +85,7 @@ class Arena:
         self._live = {}         # address of a buffer handed out this run -> its request index
         self.sum_bytes = 0      # what separate buffers would hold (the arena before planning)
         self._dropped = False   # this run left the plan: its buffers share memory, so record in the next one
+        self.recompute_above = None     # bytes: the running step's recompute policy (see keep_for_backward)
 
     def begin(self):
         self.cursor = 0
@@ -109,14 +117,29 @@ class Arena:
             self._live[_address(a)] = k
         return _capture._captured(a) if _capture._sim_ops is not None else a
 
-    def release(self, a):
-        """``a`` (a buffer this run handed out, or a view starting where it starts) is read no more this run."""
-        k = self._live.pop(_address(a), None) if getattr(a, "size", 0) else None
+    def release(self, a, address=None) -> bool:
+        """``a`` (a buffer this run handed out, or a view starting where it starts; or its ``address``) is read no
+        more this run. Returns whether it was one (in poison mode its whole buffer is then filled: :func:`poison`)."""
+        if address is None and getattr(a, "size", 0):
+            address = _address(a)
+        k = self._live.pop(address, None) if address is not None else None
         if k is None:
-            return
+            return False
         if self.recording and k < len(self.spans):
             self.spans[k][1] = self.clock
         self.clock += 1
+        if _poison:
+            _fill_poison(self.buffers[k])
+        return True
+
+    def release_since(self, mark: int, spans=(), stop=None):
+        """Release every buffer handed out since request ``mark`` (and before ``stop``) and not released yet,
+        except those that share a byte with one of ``spans`` (see :func:`_span`), in the order they were asked for."""
+        stop = self.cursor if stop is None else stop
+        found = sorted((k, address) for address, k in self._live.items() if mark <= k < stop)
+        for k, address in found:                # (a buffer is contiguous: it covers nbytes from its address)
+            if not overlap([(address, address + self.buffers[k].nbytes)], spans):
+                self.release(None, address)
 
     def end(self):
         """After a run: lay the recorded buffers out by lifetime (once per recording)."""
@@ -170,14 +193,31 @@ def _address(a) -> int:
     return int(a.data.ptr) if is_cupy(a) else int(a.__array_interface__["data"][0])
 
 
+def _span(a) -> tuple:
+    """The bytes [low, high) that array ``a`` (device or host, any strides) covers."""
+    lo = hi = _address(a)
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
+    for n, s in zip(a.shape, a.strides):
+        lo, hi = (lo + s * (n - 1), hi) if s < 0 else (lo, hi + s * (n - 1))
+    return lo, hi + a.itemsize
+
+
+def overlap(spans_a, spans_b) -> bool:
+    """Whether any span of ``spans_a`` shares a byte with any of ``spans_b`` (spans from :func:`_span`)."""
+    return any(a0 < b1 and b0 < a1 for a0, a1 in spans_a for b0, b1 in spans_b)
+
+
 _arena = None
 
 
 @contextlib.contextmanager
-def workspace(arena: Arena):
-    """Within this block :func:`empty`/:func:`zeros` hand out ``arena``'s buffers in order (see Arena)."""
+def workspace(arena: Arena, recompute_above=None):
+    """Within this block :func:`empty`/:func:`zeros` hand out ``arena``'s buffers in order (see Arena).
+    ``recompute_above``: the step runner's recompute policy for this block (see :func:`keep_for_backward`)."""
     global _arena
     old, _arena = _arena, arena
+    arena.recompute_above = recompute_above
     arena.begin()
     try:
         yield arena
@@ -192,12 +232,74 @@ def in_workspace() -> bool:
 
 
 def release(*arrays):
-    """Say that nothing reads these arrays again in this training step, so the workspace may hand their memory
-    to a later request (see Arena). Outside a workspace, or for arrays it did not hand out, nothing happens."""
+    """End these arrays' lives: nothing reads them again in this training step, so the workspace may hand their
+    memory to a later request (see Arena); in poison mode they are filled with NaN. Outside a workspace nothing
+    happens. The step runner calls it; a kernel function only for a temporary it allocated itself."""
     if _arena is not None:
         for a in arrays:
-            if a is not None and hasattr(a, "shape"):
-                _arena.release(a)
+            if a is not None and hasattr(a, "shape") and not _arena.release(a) and _poison:
+                _fill_poison(a)
+
+
+def mark():
+    """How many buffers the workspace has handed out so far this run (None outside one): :func:`release_since`
+    ends the lives of those asked for after it."""
+    return _arena.cursor if _arena is not None else None
+
+
+def release_since(mark_: int, keep=(), stop=None, spans=()):
+    """End the life of every workspace buffer handed out since ``mark_`` (see :func:`mark`; and before the mark
+    ``stop``) and still alive, except those sharing memory with an array of ``keep`` (or a byte with one of
+    ``spans``, :func:`_span`'s): what a stage's forward or backward made and does not keep."""
+    if _arena is not None and mark_ is not None:
+        _arena.release_since(mark_, [*spans, *(_span(a) for a in keep if getattr(a, "size", 0))], stop)
+
+
+def keep_for_backward(a) -> bool:
+    """The step runner's recompute policy (gpucnn.step.RECOMPUTE_ABOVE), asked by a layer about a lowered input it
+    could make again from its input: True to keep ``a`` for backward; False when, in a training step on the GPU
+    path, ``a`` is larger than the policy's bytes: its life ends here, and backward must make it again."""
+    above = _arena.recompute_above if _arena is not None else None
+    if above is None or not on_gpu(a) or a.nbytes <= above:
+        return True
+    release(a)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# poison: every buffer at its end of life filled with NaN, so that a read after it shows in the results
+
+_poison = os.environ.get("GPUCNN_POISON", "").strip() not in ("", "0")
+
+
+def poison(on: bool = True) -> bool:
+    """Turn poison mode on (or off); returns whether it was on. In poison mode each array a training step
+    releases (see :func:`release`) is filled with NaN (integers: their most negative value, or largest when
+    unsigned; booleans: True) at once, so a read after its declared end of life shows up as NaN in the
+    results (on the GPU path the workspace also hands the memory to a later buffer). ``GPUCNN_POISON=1`` turns
+    it on for a process. For debugging and tests: it costs a fill per released array."""
+    global _poison
+    old, _poison = _poison, bool(on)
+    return old
+
+
+def poisoning() -> bool:
+    """Whether poison mode is on (see :func:`poison`)."""
+    return _poison
+
+
+def _fill_poison(a):
+    """Fill ``a`` with its dtype's poison, as device work (recorded while a graph is captured on "sim")."""
+    if skipping_work() or not getattr(a, "size", 0) or not (is_cupy(a) or a.flags.writeable):
+        return
+    kind = a.dtype.kind
+    value = (np.nan if kind in "fc" else True if kind == "b"
+             else np.iinfo(a.dtype).min if kind == "i" else np.iinfo(a.dtype).max)
+    if is_cupy(a):
+        a.fill(value)
+    else:
+        plain = _capture._plain(a)
+        _capture.enqueue(lambda: plain.fill(value))
 
 
 @contextlib.contextmanager

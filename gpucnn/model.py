@@ -9,29 +9,8 @@
 
 One training step is ``forward -> loss -> backward -> (clip) -> optimizer.step``: each layer's forward and
 backward call the kernels of its family, so a reader follows ``fit -> train_step -> layer ->
-gpucnn.kernels.<family>``.
-
-How a step runs (:meth:`Sequential.train_step`, which fit calls once per batch). When the Sequential is
-built it decides what to fuse (``fuse=True``): a Conv2D or Dense followed by an activation layer computes
-that activation in its bias kernel, and a Conv2D -> activation -> pooling runs its pooling there too; the
-activation and pooling layers then pass their input through inside this model (called alone, every
-layer still computes its own op). Every parameter lives in one flat array and every gradient in another
-(:class:`gpucnn.optim.FlatParameters`); backward writes each gradient straight into its view. A step
-on the GPU path (LeNet-5: 29 launches) is then: per conv im2col, GEMM, and bias + activation + pooling
-in one kernel that also writes NCHW; per dense a GEMM and bias + activation; softmax cross-entropy with
-its gradient and the batch mean in one launch; backward per layer one kernel for the activation's (and
-pooling's) backward fused with the bias gradient, the weight-gradient GEMM, and the input-gradient GEMM
-(and col2im) except for the first layer, which needs no input gradient; then ONE optimizer kernel over
-the flat buffers. Everything the step allocates comes from a workspace arena kept per batch shape
-(``gpucnn.backend.workspace``), so from its second run a step allocates nothing. On "cuda" the whole step
-is captured once per batch shape as a CUDA graph (after one eager warm-up) and replayed: the batch is
-copied into the graph's input buffers, and what changes per step (learning rate, Adam's step count,
-dropout keys) is written by the host into small device arrays the kernels read, before each replay.
-"sim" captures the same way and refuses what a capture on a GPU refuses (host reads, syncs, allocations
-outside the workspace, and GEMMs through cupy.matmul, which CuPy does not let a graph capture: without
-nvmath-python every capture falls back to eager steps, with one warning per model; see gpucnn.blas). The CPU runs the same plan with the NumPy twins:
-bias and activation in place on the GEMM's output, pooling in the GEMM's layout (only the pooled result is
-transposed), no input gradient for the first layer, float32 throughout.
+gpucnn.kernels.<family>``. How a step runs (fused stages, the workspace and each buffer's end of life, the CUDA
+graph) is :mod:`gpucnn.step`'s business.
 
 Inputs are raw images (uint8 or float, N x C x H x W) as the dataset holds them: the model converts a
 batch to its dtype and standardises it per channel, ``(x - input_mean) / input_std``, with the statistics
@@ -46,7 +25,6 @@ to end with the same weights, bit for bit on the CPU, as one that was never inte
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -55,70 +33,19 @@ import warnings
 
 import numpy as np
 
-from . import backend, checkpoint
-from .checkpoint import CheckpointError
+from . import backend, checkpoint, inputs, step
 from .data import ArrayDataset
 from .kernels import loss as loss_kernels
 from .kernels.loss import check_labels, softmax
-from .layers.base import LAYER_TYPES, Layer
-from .layers.conv import Conv2D
-from .layers.dense import Dense
-from .layers.pool import AvgPool2D, MaxPool2D
+from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, check_finite
-from .optim import SGD, FlatParameters, clip_grad_norm
+from .optim import SGD, FlatParameters
+from .step import _fusable_activation  # noqa: F401  (the planner's question, kept importable here)
 
 __all__ = ["Sequential"]
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 _GPU_READ_EVERY = 20        # steps between loss read-backs on a real GPU (each read waits for the GPU)
-
-
-_OOM_TRAIN = ("Train with a smaller batch, or lower Conv2D.RECOMPUTE_ABOVE (bytes; layers whose im2col matrix is "
-              "larger make it again in backward instead of keeping it for the whole step); bench/memory.py shows a "
-              "step's peak memory by batch size.")
-
-_POOLS = (MaxPool2D, AvgPool2D)
-
-
-class _Stage:
-    """One or more consecutive layers run as one: a Conv2D or Dense with the activation (and, after a
-    Conv2D, the pooling) that follows it, computed by the head's fused kernels; or a single layer."""
-
-    def __init__(self, head, act=None, pool=None):
-        self.head, self.act, self.pool = head, act, pool
-        self.layers = [layer for layer in (head, act, pool) if layer is not None]
-
-    def forward(self, x, training):
-        if len(self.layers) == 1:
-            return self.head.forward(x, training=training)
-        if self.pool is None:
-            return self.head.forward(x, training=training, activation=self.act)
-        y = self.head.forward(x, training=training, activation=self.act, pool=self.pool)
-        self.pool._x_shape = (x.shape[0],) + self.head.output_shape(tuple(x.shape[1:]))
-        if isinstance(self.pool, MaxPool2D):
-            self.pool.switches = self.head.switches     # as if the pooling layer had run (a deconvnet reads them)
-        return y
-
-    def backward(self, gy):
-        return self.head.backward(gy)
-
-
-def _fusable_activation(layer) -> bool:
-    """The planner asks the layer (gpucnn.layers.activation: only gpucnn's own activation classes, and only where
-    the derivative can be read from the output, all the fused backward keeps)."""
-    fusable = getattr(layer, "fusable", None)
-    return bool(fusable()) if callable(fusable) else False
-
-
-class _StepCache:
-    """What train_step keeps per batch shape: the workspace arena, and on "cuda" and "sim" the captured graph with
-    its input buffers, its outputs and a fingerprint of the arrays it was captured with."""
-
-    def __init__(self):
-        self.arena = backend.Arena()
-        self.runs = 0
-        self.graph = None           # what backend.capture_graph made, or False once capturing failed
-        self.x = self.y = self.value = self.output = self.fingerprint = None
 
 
 class Sequential:
@@ -128,7 +55,7 @@ class Sequential:
     ``fuse`` (default True): run a Conv2D or Dense and the activation after it (and after a Conv2D the
     pooling after that) as one stage with fused kernels; results equal the unfused model's within float
     rounding. ``graph`` (default True; used on "cuda" and "sim"): capture each batch shape's training step as a
-    CUDA graph and replay it (see the module docstring)."""
+    CUDA graph and replay it (see gpucnn.step)."""
 
     def __init__(self, layers, input_shape=None, fuse: bool = True, graph: bool = True):
         layers = list(layers)
@@ -151,7 +78,7 @@ class Sequential:
         self.fuse, self.graph = bool(fuse), bool(graph)
         self._stages_for = None     # (layer ids, stages): the fusion plan, remade if the layer list changes
         self._flat = None           # FlatParameters, made at first use
-        self._steps = {}            # batch signature -> _StepCache, for the loss and optimizer below
+        self._steps = {}            # batch signature -> step._StepCache, for the loss and optimizer below
         self._steps_owner = None    # (loss type and config, optimizer, clip_norm) the cached steps run
         self._last_output = None    # the logits of the last train_step (a workspace array)
         self._graph_warned = False  # a failed capture warns once per model
@@ -231,71 +158,20 @@ class Sequential:
         """The fusion plan: the layers grouped into the stages forward and backward run (see ``fuse``)."""
         ids = (self.fuse, *map(id, self.layers))
         if self._stages_for is None or self._stages_for[0] != ids:
-            stages, L, i = [], self.layers, 0
-            while i < len(L):
-                head = L[i]
-                act = pool = None
-                if self.fuse and type(head) in (Conv2D, Dense) and i + 1 < len(L):
-                    j = i + 1
-                    if _fusable_activation(L[j]):
-                        act, j = L[j], j + 1
-                    if type(head) is Conv2D and j < len(L) and type(L[j]) in _POOLS:
-                        pool, j = L[j], j + 1
-                stage = _Stage(head, act, pool)
-                stages.append(stage)
-                i += len(stage.layers)
-            self._stages_for = (ids, stages)
+            self._stages_for = (ids, step.plan(self.layers, self.fuse))
         return self._stages_for[1]
 
     def forward(self, x, training: bool = True):
         """Run the layers on a float batch already in the model's dtype (no standardisation)."""
-        outputs = []
         for stage in self.stages:
             x = stage.forward(x, training)
-            outputs.append(x)
-        # a training step (inside its workspace) lets backward release each stage's output once it is done
-        self._outputs = outputs if backend.in_workspace() else None
         return x
 
     def backward(self, gy):
         """Back-propagate dL/d(output) through every layer (filling their grads); returns dL/d(input)."""
         for stage in reversed(self.stages):
-            gy = stage.backward(gy)
+            gy = stage.head.backward(gy)
         return gy
-
-    def _backward_for_training(self, gy):
-        """backward without dL/d(input): the stages before the first one with parameters are skipped, and
-        that one's head (Conv2D, Dense) is told to skip its input gradient (``needs_input_grad``)."""
-        stages = self.stages
-        first = next((k for k, st in enumerate(stages) if any(l.params for l in st.layers)), len(stages))
-        for k in range(len(stages) - 1, first, -1):
-            g_in = gy
-            gy = stages[k].backward(gy)
-            self._release_after_backward(k, g_in, gy)
-        if first < len(stages):
-            head = stages[first].head
-            skip = hasattr(head, "needs_input_grad")
-            saved = head.needs_input_grad if skip else None
-            if skip:
-                head.needs_input_grad = False
-            try:
-                stages[first].backward(gy)
-            finally:
-                if skip:
-                    head.needs_input_grad = saved
-
-    def _release_after_backward(self, k, g_in, g_out):
-        """Within a training step, after stage k's backward: its incoming gradient and its output are read by
-        nobody again (stage k + 1, which read the output, and stage k, which may have kept it, are done), so
-        the workspace may reuse their memory. Not the logits (the step returns them), and not what is a view
-        of what an earlier stage still needs (Flatten's output is its input; a gradient passed on as a view)."""
-        outputs = getattr(self, "_outputs", None)
-        if outputs is None or not backend.in_workspace():
-            return
-        if g_out is None or not _overlap(g_in, g_out):
-            backend.release(g_in)
-        if k < len(outputs) - 1 and not _overlap(outputs[k], outputs[k - 1] if k > 0 else None):
-            backend.release(outputs[k])
 
     @property
     def flat(self) -> FlatParameters:
@@ -317,197 +193,30 @@ class Sequential:
 
     # ------------------------------------------------------------------------------------------ one step
 
-    def train_step(self, x, y, loss, optimizer, clip_norm=None, graph=None):
-        """One training step on the batch ``x`` (in the model's dtype, standardised: see :meth:`prepare`)
-        with integer labels ``y``: forward, ``loss``, backward, clipping to ``clip_norm`` (if given) and
-        ``optimizer``'s update. Returns the loss as a 0-d array on the device, without a host copy or a
-        sync; it lives in the step's workspace, so it is valid until the next step of the same shape.
-
-        The step runs in a workspace arena kept for its batch shape (no allocation from its second run).
-        On "cuda", with ``graph`` (default: the model's ``graph``, True), the second run of a batch shape
-        captures the step as a CUDA graph and later runs replay it; "sim" captures it the same way, under the
-        same rules (backend.capture_graph). A capture that fails warns once per model, and that batch shape
-        runs eagerly. The logits stay readable as ``model.last_output`` until the next step. Running out of
-        device memory is a :class:`gpucnn.backend.DeviceMemoryError` that says what to do.
-        """
-        with backend.device_memory_errors(lambda: self._step_name("train_step", x), _OOM_TRAIN):
-            return self._train_step(x, y, loss, optimizer, clip_norm, graph)
+    train_step = step.train_step        # gpucnn.step: the step runner (forward, backward, lifetimes, graphs)
 
     def _step_name(self, what, x):
         """How an error names a step: the call, the batch's shape and dtype, and the model."""
         return (f"Sequential.{what} on a batch of shape {tuple(x.shape)} ({x.dtype}; a model of {len(self.layers)} "
                 f"layers, {self.num_params():,} parameters)")
 
-    def _train_step(self, x, y, loss, optimizer, clip_norm, graph):
-        if getattr(optimizer, "model", self) is not self:
-            raise ValueError("Sequential.train_step: the optimizer was made for another model; "
-                             "create it with this one, e.g. gc.optim.SGD(model, lr=...)")
-        flat = self.flat
-        # a loss is known by its type and configuration, not its identity: a loop that passes a new
-        # SoftmaxCrossEntropy() every step keeps its cached steps (their workspace, their graph)
-        owner = ((type(loss), _json(loss.config()) if hasattr(loss, "config") else id(loss)), optimizer, clip_norm)
-        old = self._steps_owner
-        if old is None or old[0] != owner[0] or old[1] is not optimizer or old[2] != clip_norm:
-            self._steps, self._steps_owner = {}, owner      # another loss or optimizer: other steps
-        # the GEMMs' precision is part of a captured graph, so each precision has its own
-        key = (tuple(x.shape), x.dtype.str, backend.is_cupy(x), tuple(y.shape), y.dtype.str, backend.precision())
-        st = self._steps.get(key)
-        if st is None:
-            st = self._steps[key] = _StepCache()
-        use_graph = (self.graph if graph is None else bool(graph)) and backend.on_gpu(x)
-        if use_graph and st.graph is not False:
-            fingerprint = self._fingerprint(flat, optimizer)
-            if st.graph is not None and st.fingerprint != fingerprint:
-                # the optimizer state, the parameters or a layer's algorithm changed: two eager runs (the
-                # workspace drops its plan, then plans the new path), then capture again
-                st.graph, st.runs = None, -1
-            if st.graph is None and st.runs >= 1:
-                self._capture(st, x, y, loss, optimizer, clip_norm, fingerprint)
-            if st.graph:
-                return self._replay(st, x, y, loss, optimizer)
-        with backend.workspace(st.arena):
-            value = self._step(x, y, loss, optimizer, clip_norm)
-        st.runs += 1
-        return value
-
     @property
     def last_output(self):
         """The logits of the last train_step (valid until the next step of the same batch shape)."""
         return self._last_output
 
-    def _step(self, x, y, loss, optimizer, clip_norm):
-        out = self.forward(x, training=True)
-        self._last_output = out
-        value = loss.forward(out, y)
-        self._backward_for_training(loss.backward())
-        if clip_norm is not None:
-            clip_grad_norm(self, clip_norm)
-        optimizer.step()
-        return value
-
-    def _fingerprint(self, flat, optimizer):
-        """The identity of every persistent array a captured step reads or writes besides its workspace, and the
-        layers' algorithms (and fusion) its kernels were captured for."""
-        arrays = [flat.param, flat.grad, *getattr(optimizer, "flat_state", {}).values(),
-                  getattr(optimizer, "_hyper_buf", None)]
-        arrays += [getattr(layer, "_keys", None) for layer in self.layers]
-        arrays += [a for layer in self.layers for a in layer.buffers.values()]
-        return tuple(id(a) for a in arrays) + (self.fuse, *(getattr(layer, "algorithm", None) for layer in self.layers))
-
-    def _host_counters(self, loss, optimizer):
-        """The integers the step's Python advances (layer counters, the loss's and optimizer's step counts)."""
-        objs = [*self.layers, loss, optimizer]
-        return [(o, {k: v for k, v in vars(o).items() if isinstance(v, int) and not isinstance(v, bool)})
-                for o in objs]
-
-    def _capture(self, st, x, y, loss, optimizer, clip_norm, fingerprint):
-        """Capture the step as a graph (nothing runs while capturing; see backend.capture_graph); the host
-        counters advanced by the captured Python are put back, and _replay then runs the graph for this batch.
-        A failed capture warns once per model (what it costs); this batch shape then runs eagerly."""
-        with backend.no_workspace():
-            st.x, st.y = x.copy(), y.copy()        # the graph's input buffers, for good
-        counters = self._host_counters(loss, optimizer)
-
-        def step(x, y):
-            with backend.workspace(st.arena):
-                value = self._step(x, y, loss, optimizer, clip_norm)
-            return value, self._last_output
-
-        graph, outputs, error = backend.capture_graph(step, st.x, st.y)
-        for obj, ints in counters:
-            for k, v in ints.items():
-                setattr(obj, k, v)
-        if error is not None:
-            st.graph = False
-            if not self._graph_warned:
-                self._graph_warned = True
-                warnings.warn(f"Sequential.train_step: capturing the step as a CUDA graph failed "
-                              f"({type(error).__name__}: {error}); this model's steps run eagerly, without a graph: "
-                              f"one host launch per kernel, 29 per LeNet-5 step at tens of microseconds each. Other "
-                              f"batch shapes that fail to capture fall back silently. See the GPU-speed issue, point 1",
-                              stacklevel=4)
-            return
-        st.graph, st.fingerprint = graph, fingerprint
-        st.value, st.output = outputs
-
-    def _replay(self, st, x, y, loss, optimizer):
-        """Run the captured step on this batch: copy it into the graph's inputs, do the host's half of the
-        step (each layer's replay_step, the loss's count, the optimizer's scalars), launch the graph."""
-        st.x[...] = x
-        st.y[...] = y
-        for layer in self.layers:
-            layer.replay_step()
-        if isinstance(getattr(loss, "step", None), int):
-            loss.step += 1
-        optimizer.begin_step()
-        st.graph.launch()
-        self._last_output = st.output
-        return st.value
-
     def prepare(self, xb):
         """A raw batch as the first layer takes it: the model's dtype, standardised when fit computed
-        statistics. Always a new array when standardising, so the caller's batch is never modified."""
+        statistics (gpucnn.inputs). Always a new array when standardising, so the caller's batch is never modified."""
         if self.input_mean is None:
             return xb.astype(self.dtype, copy=False)
-        mean, inv_std = self._norm_arrays(xb)
-        x = xb.astype(self.dtype)
-        x -= mean
-        x *= inv_std
+        x, self._norm = inputs.standardize(xb, self.dtype, self.input_mean, self.input_std, self._norm)
         return x
 
-    def _norm_arrays(self, xb):
-        """mean and 1/std shaped (1, C, 1, 1) in the model's dtype on xb's device, made once and cached
-        (the cache keeps the statistics it was made from, so replacing them is noticed)."""
-        made_for = (backend.is_cupy(xb), xb.ndim)
-        c = self._norm
-        if c is None or c[0] != made_for or c[1] is not self.input_mean or c[2] is not self.input_std:
-            shape = (1, -1) + (1,) * (xb.ndim - 2)
-            put = backend.asarray if backend.is_cupy(xb) else np.asarray
-            mean = put(np.asarray(self.input_mean, np.float64).astype(self.dtype).reshape(shape))
-            inv = put((1.0 / np.asarray(self.input_std, np.float64)).astype(self.dtype).reshape(shape))
-            self._norm = c = (made_for, self.input_mean, self.input_std, mean, inv)
-        return c[3], c[4]
-
     def set_standardization(self, images):
-        """Compute ``input_mean``/``input_std`` per channel (axis 1) from host ``images``, in float64, in
-        chunks (no float64 copy of the whole set), or from exact integer sums for uint8 images; a constant
-        channel gets std 1."""
-        images = backend.to_numpy(images)
-        if images.dtype == np.uint8 and images.size:
-            # 8-bit images: exact integer sums of x and x^2 (255^2 fits uint16, the sums uint64), a few cheap
-            # passes where the float64 route below costs most of a second on 60,000 MNIST images
-            C = images.shape[1]
-            rows = max(1, (1 << 22) // max(1, images[0].size))
-            s1, s2 = np.zeros(C, np.uint64), np.zeros(C, np.uint64)
-            for i in range(0, len(images), rows):
-                for c in range(C):
-                    sq = images[i:i + rows, c].astype(np.uint16)
-                    s1[c] += np.add.reduce(sq, axis=None, dtype=np.uint64)
-                    np.multiply(sq, sq, out=sq)
-                    s2[c] += np.add.reduce(sq, axis=None, dtype=np.uint64)
-            n = images.size // C
-            mean = s1.astype(np.float64) / n
-            std = np.sqrt(np.maximum(s2.astype(np.float64) / n - mean * mean, 0.0))
-            std[std == 0] = 1.0
-            self.input_mean, self.input_std = mean, std
-            self._norm = None
-            return
-        axes = (0,) + tuple(range(2, images.ndim))
-        per_channel = images.size // max(images.shape[1], 1)
-        rows = max(1, (1 << 22) // max(1, images[0].size))
-        bshape = (1, -1) + (1,) * (images.ndim - 2)
-        total = np.zeros(images.shape[1])
-        for i in range(0, len(images), rows):
-            total += images[i:i + rows].sum(axis=axes, dtype=np.float64)
-        mean = total / per_channel
-        sq = np.zeros(images.shape[1])
-        for i in range(0, len(images), rows):
-            d = images[i:i + rows].astype(np.float64) - mean.reshape(bshape)
-            d *= d
-            sq += d.sum(axis=axes)
-        std = np.sqrt(sq / per_channel)
-        std[std == 0] = 1.0
-        self.input_mean, self.input_std = mean, std
+        """Compute ``input_mean``/``input_std`` per channel (axis 1) from host ``images``, in float64
+        (gpucnn.inputs.channel_statistics); a constant channel gets std 1."""
+        self.input_mean, self.input_std = inputs.channel_statistics(images)
         self._norm = None
 
     # ------------------------------------------------------------------------------------------ data
@@ -757,17 +466,11 @@ class Sequential:
         return seen / n, hits / n, n
 
     # ------------------------------------------------------------------------------------------ saving
+    # (what a model's tree holds, and rebuilding it: gpucnn.checkpoint)
 
     def state(self) -> dict:
         """The model as a checkpoint tree: architecture (class names + config), arrays, counters, statistics."""
-        return {
-            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "dtype": self.dtype.name,
-            "input_mean": self.input_mean,
-            "input_std": self.input_std,
-            "layers": [{"class": type(l).__name__, "config": l.config(), "params": dict(l.params),
-                        "buffers": dict(l.buffers), "state": _int_state(l)} for l in self.layers],
-        }
+        return checkpoint.model_state(self)
 
     def save(self, path) -> str:
         """Write the model to one verified .npz (atomically); :meth:`load` rebuilds it."""
@@ -777,90 +480,14 @@ class Sequential:
     def load(cls, path, device=None) -> "Sequential":
         """Rebuild a model saved by :meth:`save` (or a checkpoint written by fit) on ``device`` (default:
         the current one). Custom layer classes must be defined or imported before loading."""
-        tree = checkpoint.load(path)
-        spec = _model_spec(tree, path)
-        layers = []
-        for i, ls in enumerate(spec["layers"]):
-            name = ls.get("class")
-            klass = LAYER_TYPES.get(name)
-            if klass is None:
-                raise CheckpointError(
-                    f"{path}: layer {i} is of class {name!r}, which is not a known layer in this program. "
-                    f"If it is your own layer, define or import your Layer subclass named {name} (subclassing "
-                    "gpucnn.layers.Layer registers it by class name) before loading")
-            try:
-                layers.append(klass(**ls.get("config", {})))
-            except Exception as e:
-                raise CheckpointError(f"{path}: layer {i} ({name}) cannot be rebuilt from its saved config "
-                                      f"{ls.get('config')}: {type(e).__name__}: {e}") from None
-        try:
-            model = cls(layers, input_shape=spec.get("input_shape"))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: the saved layers do not form a valid model: {e}") from None
-        model._set_state(spec, path)
-        if device is not None and device != backend.device():
-            model.to(device)
-        return model
-
-    def _set_state(self, spec, where):
-        """Copy saved arrays, counters and statistics into this model's own arrays (keeping their devices)."""
-        if len(spec["layers"]) != len(self.layers):
-            raise CheckpointError(f"{where}: holds {len(spec['layers'])} layers, the model has {len(self.layers)}")
-        for i, (layer, ls) in enumerate(zip(self.layers, spec["layers"])):
-            for kind in ("params", "buffers"):
-                mine, saved = getattr(layer, kind), ls.get(kind, {})
-                if set(mine) != set(saved):
-                    raise CheckpointError(f"{where}: layer {i} ({layer.name}) has {kind} {sorted(mine)}, "
-                                          f"the file holds {sorted(saved)}")
-                for k, a in saved.items():
-                    p = mine[k]
-                    if not hasattr(a, "dtype") or tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
-                        got = f"{a.dtype}{tuple(a.shape)}" if hasattr(a, "dtype") else type(a).__name__
-                        raise CheckpointError(f"{where}: layer {i} ({layer.name}) {k} is {got} in the file, "
-                                              f"{p.dtype}{tuple(p.shape)} in the model")
-                    p[...] = backend.asarray(a) if backend.is_cupy(p) else a
-            for k, v in (ls.get("state") or {}).items():
-                setattr(layer, k, int(v))
-            layer.grads = {k: None for k in layer.params}
-        mean, std = spec.get("input_mean"), spec.get("input_std")
-        self.input_mean = None if mean is None else np.asarray(mean, np.float64)
-        self.input_std = None if std is None else np.asarray(std, np.float64)
-        self._norm = None
+        return checkpoint.load_model(cls, path, device)
 
     def _training_tree(self, optimizer, epochs_done, history, seed, best):
-        return {"kind": "training", "model": self.state(),
-                "training": {"epoch": epochs_done, "seed": seed, "history": history, "best": best,
-                             "optimizer": optimizer.state_dict()}}
+        return checkpoint.training_tree(self, optimizer, epochs_done, history, seed, best)
 
     def _resume(self, path, optimizer) -> dict:
         """Load a training checkpoint into this model and ``optimizer``; returns its "training" part."""
-        tree = checkpoint.load(path)
-        spec = _model_spec(tree, path)
-        if tree.get("kind") != "training" or "training" not in tree:
-            raise CheckpointError(f"{path}: is a saved model, not a training checkpoint; resume takes the "
-                                  "last.npz or best.npz that fit(checkpoint_dir=...) writes")
-        mine = [(type(l).__name__, _json(l.config())) for l in self.layers]
-        theirs = [(ls.get("class"), ls.get("config")) for ls in spec["layers"]]
-        if mine != theirs:
-            diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            show = lambda lst: f"{lst[diff][0]}({lst[diff][1]})" if diff < len(lst) else "nothing"
-            raise CheckpointError(f"{path}: was written for a different model: layer {diff} is {show(theirs)} "
-                                  f"there and {show(mine)} here")
-        self._set_state(spec, path)
-        t = tree["training"]
-        try:
-            optimizer.load_state_dict(t["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: its optimizer state does not fit: {e}") from None
-        return t
-
-
-def _overlap(a, b) -> bool:
-    """Whether arrays a and b share any memory (by address range; b may be None)."""
-    if b is None or not getattr(a, "size", 0) or not getattr(b, "size", 0):
-        return False
-    a0, b0 = backend._address(a), backend._address(b)
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+        return checkpoint.resume(self, path, optimizer)
 
 
 def _read_sums(sums, classes, when):
@@ -871,24 +498,3 @@ def _read_sums(sums, classes, when):
                          f"{int(host[2])} label(s) outside it reached the GPU kernels ({when})")
     check_finite(float(host[0]), f"Sequential.fit: the training loss ({when})")
     return float(host[0]), int(host[1])
-
-
-def _int_state(layer) -> dict:
-    """A layer's public integer attributes beyond its config (Dropout's ``step``): saved so a resumed run
-    draws the same random numbers."""
-    cfg = layer.config()
-    return {k: int(v) for k, v in vars(layer).items()
-            if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and not k.startswith("_") and k not in cfg}
-
-
-def _json(value):
-    """``value`` as it comes back from JSON (tuples become lists), for comparing configs."""
-    return json.loads(json.dumps(value))
-
-
-def _model_spec(tree, path) -> dict:
-    spec = tree.get("model")
-    if tree.get("kind") not in ("model", "training") or not isinstance(spec, dict) \
-            or not isinstance(spec.get("layers"), list):
-        raise CheckpointError(f"{path}: is a gpucnn file but holds no model (kind {tree.get('kind')!r})")
-    return spec

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpucnn
+import gpucnn.step
 from gpucnn import backend, blas, layers as L, models, optim
 from gpucnn.kernels import dropout as KD
 from gpucnn.kernels import optim as KO
@@ -426,17 +427,17 @@ def test_sim_planned_workspace_equals_separate_buffers_bit_for_bit(rng, monkeypa
 
 @pytest.mark.sim
 def test_sim_recomputed_lowering_equals_kept_bit_for_bit(rng, monkeypatch):
-    """Conv2D.RECOMPUTE_ABOVE: a lowered input (im2col's matrix, Winograd's V) dropped after forward and made
-    again in backward gives the same step to the bit, one more launch per conv layer, and a smaller planned
-    workspace (the lowered inputs of different layers are then never alive together)."""
-    default = L.Conv2D.RECOMPUTE_ABOVE
+    """The runner's recompute policy (gpucnn.step.RECOMPUTE_ABOVE): a lowered input (im2col's matrix, Winograd's V)
+    dropped after forward and made again in backward gives the same step to the bit, one more launch per conv
+    layer, and a smaller planned workspace (the lowered inputs of different layers are then never alive together)."""
+    default = gpucnn.step.RECOMPUTE_ABOVE
     for name in ("lenet5", "alexnet-like, dropout", "winograd"):
         make, shape, classes = _net_zoo(rng)[name]
         batches = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, classes, shape[0]))
                    for _ in range(3)]
         runs = {}
         for limit in (default, 0):
-            monkeypatch.setattr(L.Conv2D, "RECOMPUTE_ABOVE", limit)
+            monkeypatch.setattr(gpucnn.step, "RECOMPUTE_ABOVE", limit)
             model = make()
             opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), SoftmaxCrossEntropy()
             losses = [float(model.train_step(x, y, loss, opt, graph=False)) for x, y in batches[:2]]
@@ -455,16 +456,13 @@ def test_sim_recomputed_lowering_equals_kept_bit_for_bit(rng, monkeypatch):
         print(f"{name}: workspace {again[2]:,} bytes recomputing, {kept[2]:,} keeping")
 
 
-def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng):
+def test_recompute_is_for_training_steps_on_the_gpu_path_only(rng, monkeypatch):
     """Outside a training step, or on the CPU, forward keeps what backward needs whatever its size."""
     layer = L.Conv2D(2, 3, 3, padding=1, rng=rng)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
-    old, L.Conv2D.RECOMPUTE_ABOVE = L.Conv2D.RECOMPUTE_ABOVE, 0
-    try:
-        layer.forward(x)
-        assert layer._saved.conv.x is None and layer._saved.conv.lowered is not None
-    finally:
-        L.Conv2D.RECOMPUTE_ABOVE = old
+    monkeypatch.setattr(gpucnn.step, "RECOMPUTE_ABOVE", 0)
+    layer.forward(x)
+    assert layer._saved.conv.x is None and layer._saved.conv.lowered is not None
 
 
 @pytest.mark.sim

@@ -325,8 +325,8 @@ def group_slices(groups: int, *sizes):
 class Saved:
     """What a convolution's backward reads, made by its algorithm's forward: the algorithm, the geometry (with the
     groups), the lowered input (``lowered``: im2col's matrix, MEC's rows, Winograd's V) and what else backward
-    reads (``extra``: Winograd's U, which the caller releases after backward). ``drop(x)`` releases the lowered
-    input and keeps x in its place (Conv2D.RECOMPUTE_ABOVE); ``relower()`` makes it again, before backward. A
+    reads (``extra``: Winograd's U). ``drop(x)`` keeps x in the lowered input's place (the step runner's recompute
+    policy ended the lowered input's life: gpucnn.memory.keep_for_backward); ``relower()`` makes it again. A
     transposed convolution's forward (an algorithm's grad_input) makes one with ``lowered=None``."""
 
     def __init__(self, algorithm, x_shape, kernel, stride, padding, lowered, extra=(), groups: int = 1):
@@ -335,7 +335,6 @@ class Saved:
         self.lowered, self.extra, self.groups = lowered, tuple(extra), int(groups)
 
     def drop(self, x):
-        backend.release(self.lowered)
         self.lowered, self.x = None, x
 
     def relower(self):
@@ -387,8 +386,7 @@ class Im2colGemm:
 
     def grad_weight(self, saved, gz, out=None):
         """gw (Cout, C/G, KH, KW) = gz @ col.T per group, summed over every output position and image (the weights
-        are shared), into ``out`` when given (a flat gradient buffer's view). Within a training step the lowered
-        input is then released: grad_input's gcol, as large, may take its memory."""
+        are shared), into ``out`` when given (a flat gradient buffer's view)."""
         col, (KH, KW), SH, G = saved.lowered, saved.kernel, saved.stride[0], saved.groups
         Cout, Cg = gz.shape[0], saved.x_shape[1] // G
         if on_gpu(gz):
@@ -400,31 +398,33 @@ class Im2colGemm:
             gw = out if out is not None else np.empty((Cout, Cg, KH, KW), dtype=gz.dtype)
             for o, h in group_slices(G, Cout, col.shape[0]):
                 mec.grad_weight(col[h], gz[o], KH, SH, gw[o])
-        backend.release(col)
         return gw
 
-    def grad_input(self, saved, w, gz):
+    def grad_input(self, saved, w, gz, out=None):
         """gx (N, C, H, W) = col2im(w.T @ gz) per group: each input's share of every output that read it. It reads
-        no lowered input: it is a transposed convolution's forward too (gpucnn.layers.ConvTranspose2D)."""
+        no lowered input: it is a transposed convolution's forward too (gpucnn.layers.ConvTranspose2D). GPU: w.T @ gz
+        goes into ``out`` when given (col's shape: the lowered input itself, when its owner reads it no more)."""
         Cout, _, KH, KW = w.shape
         (SH, SW), (PH, PW), G, C = saved.stride, saved.padding, saved.groups, saved.x_shape[1]
         if on_gpu(gz):
             gz2, w2 = gz.reshape(Cout, -1), w.reshape(Cout, -1)
-            gcol = backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz)
+            gcol = out if out is not None else backend.empty((C * KH * KW, gz2.shape[1]), gz.dtype, gz)
             for o, k in group_slices(G, Cout, C * KH * KW):
                 matmul(w2[o].T, gz2[o], out=gcol[k])
             gx = col2im(gcol, saved.x_shape, KH, KW, saved.stride, saved.padding)
-            backend.release(gcol)       # as large as col: its memory goes to the next request of the step
+            if out is None:
+                backend.release(gcol)   # (made here) as large as col: its memory goes to the next request of the step
             return gx
         gx = np.empty(saved.x_shape, dtype=gz.dtype)
         for o, c in group_slices(G, Cout, C):
             mec.grad_input(w[o], gz[o], saved.x_shape, SH, SW, PH, PW, out=gx[:, c])
         return gx
 
-    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
-        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed."""
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None, overwrite=False):
+        """``(gx, gw)`` from gz = dL/dz in the GEMM layout, None where not needed. ``overwrite``: the caller reads
+        the lowered input no more, so gx's lowering is written over it once gw has read it (one such buffer alive)."""
         gw = self.grad_weight(saved, gz, gw_out) if need_gw else None
-        gx = self.grad_input(saved, w, gz) if need_gx else None
+        gx = self.grad_input(saved, w, gz, saved.lowered if overwrite else None) if need_gx else None
         return gx, gw
 
 

@@ -397,19 +397,20 @@ class Winograd:
         return _output_transform(M, OH, OW), Saved(self, x.shape, 3, stride, padding, V, (U,), G)
 
     def grad_weight(self, saved, gz, out=None):
-        """gw alone (see backward); V is then released, as im2col's matrix is."""
+        """gw alone (see backward)."""
         return self.backward(saved, None, gz, need_gx=False, gw_out=out)[1]
 
     def grad_input(self, saved, w, gz):
         """gx alone (see backward)."""
         return self.backward(saved, w, gz, need_gw=False)[0]
 
-    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None):
+    def backward(self, saved, w, gz, need_gx: bool = True, need_gw: bool = True, gw_out=None, overwrite=False):
         """``(gx, gw)`` from gz = dL/dz in the GEMM layout, the adjoint of forward, None where not needed:
         gw = G^T (gM @ V^T) G summed over every tile and image (into ``gw_out`` when given), gx = the input
-        transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. Within a training step V is
-        released once gw has read it: gV, as large, may take its memory. gx alone needs no V, and takes U from
-        w when forward made none (a transposed convolution's forward is this grad_input)."""
+        transform's adjoint of U^T @ gM; gM = A gz A^T is made once for both. It releases only the temporaries it
+        allocates (gU, gV, gM, and U when forward made none: a transposed convolution's forward is this grad_input),
+        each once read. ``overwrite``: the caller reads V no more, so gV (V's shape) is written over it once gw has
+        read it."""
         V, x_shape, G = saved.lowered, saved.x_shape, saved.groups
         Cout, Cg = gz.shape[0], x_shape[1] // G
         PH, PW, OH, OW, TH, TW = _sizes(x_shape, saved.padding)
@@ -423,14 +424,16 @@ class Winograd:
             gU2, gw9 = gU.reshape(16 * G, -1), gw.reshape(Cout * Cg, 9)
             for xi, o in group_slices(G, 16 * G, Cout * Cg):
                 matmul(gU2[xi].T, _kgg(gz.dtype, gz), out=gw9[o])                                   # G^T gU G
-            backend.release(gU, V)      # V is read no more: gV below, as large, may take its memory
+            backend.release(gU)         # read by no one else: gV below may take its memory
         if need_gx:
             made_here = not saved.extra
             U = _filter_transform(w, G) if made_here else saved.extra[0]
-            gV = backend.empty((16 * G, Cg, TH, TW, x_shape[0]), gz.dtype, gz)
+            overwrite = overwrite and V is not None
+            gV = V if overwrite else backend.empty((16 * G, Cg, TH, TW, x_shape[0]), gz.dtype, gz)
             matmul(U.transpose(0, 2, 1), gM, out=gV.reshape(16 * G, Cg, T))
             gx = _input_transform_adjoint(gV, x_shape, PH, PW)
-            backend.release(gV)
+            if not overwrite:
+                backend.release(gV)
             if made_here:
                 backend.release(U)
         backend.release(gM)             # read by no one else: a later request of the step may have the memory

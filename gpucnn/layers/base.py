@@ -10,6 +10,11 @@ A layer owns its parameters, its caches and its shape checks, and calls kernel f
     layer.output_shape((C, H, W)) # shape without the batch axis, computed without running
     y  = layer.forward(x, training=True)
     gx = layer.backward(gy)       # dL/dx; fills layer.grads
+
+Lifetimes: forward declares what backward reads with ``self.save_for_backward(...)`` (as PyTorch's
+``ctx.save_for_backward``, Chainer's ``retain_inputs``); in a training step the runner (gpucnn.step) keeps those
+arrays, and frees them once this layer's backward has run. Everything else a forward or backward makes and does
+not return ends with it. A layer never releases anything itself.
 """
 from __future__ import annotations
 
@@ -27,12 +32,17 @@ class Layer:
     ``forward``, ``backward`` and ``output_shape``; ``config()`` returns the constructor's arguments.
     Subclasses are registered by class name, so that ``Sequential.load`` can rebuild them."""
 
+    # False while a training step runs this layer's backward (gpucnn.step): what forward declared ends when backward
+    # returns, so backward may write over it (Conv2D writes its input gradient's lowering over its lowered input)
+    retain_saved = True
+
     def __init__(self):
         self.params: dict = {}
         self.grads: dict = {}
         self.grad_views: dict = {}    # set by gpucnn.optim.FlatParameters: views of one flat gradient array
         self.buffers: dict = {}
         self.training = True
+        self.saved = None             # what the last forward declared backward reads (save_for_backward)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -69,6 +79,15 @@ class Layer:
         self.grads = {k: None for k in self.params}
         self.grad_views = {}
         return self
+
+    def save_for_backward(self, *arrays):
+        """Declare the arrays backward reads (None entries are skipped); returns them, to keep as attributes:
+        ``self._x, self._y = self.save_for_backward(x, y)``. In a training step the runner keeps them until this
+        layer's backward has run, then ends their lives; what forward made and neither returned nor declared ends
+        when forward returns. A layer that never declares keeps all its forward made, its input and its output,
+        until its backward has run (safe for layers written before this existed, and lazier with memory)."""
+        self.saved = tuple(a for a in arrays if a is not None)
+        return arrays if len(arrays) != 1 else arrays[0]
 
     def replay_step(self):
         """What a training forward does on the host, for a step replayed from a CUDA graph (whose kernels

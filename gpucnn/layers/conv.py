@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import memory
 from ..kernels import activation as A
 from ..kernels import conv as K
 from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
@@ -24,7 +24,27 @@ class _Forward(NamedTuple):
     y_shape: tuple          # the shape forward returned
 
 
-class ConvLayer(Layer):
+class _RecomputeAlias(type):
+    """Conv2D.RECOMPUTE_ABOVE, kept for code that reads or sets it: an alias of the step runner's recompute
+    policy, gpucnn.step.RECOMPUTE_ABOVE (deleting it, as monkeypatch's undo does, restores the default)."""
+
+    @property
+    def RECOMPUTE_ABOVE(cls):
+        from .. import step
+        return step.RECOMPUTE_ABOVE
+
+    @RECOMPUTE_ABOVE.setter
+    def RECOMPUTE_ABOVE(cls, value):
+        from .. import step
+        step.RECOMPUTE_ABOVE = value
+
+    @RECOMPUTE_ABOVE.deleter
+    def RECOMPUTE_ABOVE(cls):
+        from .. import step
+        step.RECOMPUTE_ABOVE = step.DEFAULT_RECOMPUTE_ABOVE
+
+
+class ConvLayer(Layer, metaclass=_RecomputeAlias):
     """What a convolution layer and its transpose share: the arguments and their checks, the weight and bias, the
     algorithm (an object of gpucnn.kernels.conv.ALGORITHMS), the saved config. A subclass says which way round
     its weight is (``_weight_shape``) and writes forward, backward, output_shape and ``macs(input_shape)``: the
@@ -138,13 +158,6 @@ class Conv2D(ConvLayer):
     gpucnn.kernels.conv.ALGORITHMS, which forward and backward call.
     """
 
-    # Bytes. In a training step on the GPU path, forward's lowered input (im2col's matrix; Winograd's V) is
-    # kept for backward's weight gradient only when it is at most this large; a larger one is released at
-    # once and backward lowers the input again (one more launch, a pass over memory). Kept, every layer's
-    # matrix is alive at the step's peak (2.1 GiB of AlexNet's 3.3 at batch 128, bench/memory.py); dropped,
-    # the workspace holds one at a time. LeNet-5's (20 MiB at batch 256) stay. 0: always recompute.
-    RECOMPUTE_ABOVE = 64 * 2 ** 20
-
     @property
     def switches(self):
         """Max pooling's argmax when forward computed a MaxPool2D in its epilogue (a deconvnet reads them)."""
@@ -173,8 +186,8 @@ class Conv2D(ConvLayer):
         kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
         b = self.params.get("bias")
         z, conv = self._algorithm().forward(x, w, self.stride, self.padding, self.groups)
-        if backend.in_workspace() and backend.on_gpu(x) and conv.lowered.nbytes > self.RECOMPUTE_ABOVE:
-            conv.drop(x)                            # backward makes it again from x (see RECOMPUTE_ABOVE)
+        if not memory.keep_for_backward(conv.lowered):     # the step runner's recompute policy
+            conv.drop(x)                                    # backward makes it again from x
         if pool is None:
             y = A.bias_activation_nchw(z, b, kind, slope)
             a, switches, spec, y_shape = (y if kind != "identity" else None), None, None, (x.shape[0],) + out
@@ -182,9 +195,8 @@ class Conv2D(ConvLayer):
             spec = ("max" if pool.name == "MaxPool2D" else "avg", pool.kernel, pool.stride, pool.padding)
             a, y, switches = A.bias_activation_pool(z, b, kind, slope, spec)
             y_shape = tuple(y.shape)
-        if z is not a:                  # (the CPU's epilogue computes ``a`` in z's memory)
-            backend.release(z)
         self._saved = _Forward(conv, (kind, slope), a, spec, switches, y_shape)
+        self.save_for_backward(conv.lowered, conv.x, *conv.extra, a, switches)     # (z, not kept, ends here)
         return y
 
     def backward(self, gy):
@@ -200,11 +212,8 @@ class Conv2D(ConvLayer):
                                                      need_gb=self.bias, gb_out=gb_out)
         gw_out = self._grad_out("weight", gy)
         gx, gw = s.conv.algorithm.backward(s.conv, self.params["weight"], gz, need_gx=self.needs_input_grad,
-                                           gw_out=gw_out)
+                                           gw_out=gw_out, overwrite=not self.retain_saved)
         self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
             self.grads["bias"] = gb_out if gb_out is not None else gb
-        # in a training step nothing reads these again: their memory may serve the layers below (the lowered
-        # input itself, im2col's matrix or Winograd's V, was released by grad_weight after it read it)
-        backend.release(gz, *s.conv.extra, s.a, s.switches)
         return gx

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
 from ..kernels import activation as A
 from ..kernels import conv as K
 from .base import check_input, check_same_device, pair
@@ -87,6 +86,7 @@ class ConvTranspose2D(ConvLayer):
         if self.bias:
             A.bias_activation(y, self.params["bias"])           # in place
         self._saved = _Forward(conv, xz, y_shape)
+        self.save_for_backward(xz)                  # (y is the output; what grad_input made ends inside it)
         return y
 
     def backward(self, gy):
@@ -98,18 +98,17 @@ class ConvTranspose2D(ConvLayer):
             # gx is the convolution of gy (in the GEMM layout, then NCHW); forward lowered gy for gw on the way
             z, low = algo.forward(gy, w, c.stride, c.padding, c.groups)
             gx = A.bias_activation_nchw(z, None)
-            backend.release(z)
         else:
             gx = None
             low = K.Saved(algo, gy.shape, c.kernel, c.stride, c.padding,
                           algo.lower(gy, c.kernel, c.stride, c.padding, c.groups), groups=c.groups)
         gw_out = self._grad_out("weight", gy)
-        # the convolution's weight gradient, its input being gy and its output gradient x (releases the lowering)
+        # the convolution's weight gradient, its input being gy and its output gradient x (what this backward made
+        # and does not return, z and the lowering, ends when it returns: gpucnn.step)
         gw = algo.grad_weight(low, s.xz, gw_out)
         self.grads["weight"] = gw_out if gw_out is not None else gw
         if self.bias:
             self.grads["bias"] = gb_out if gb_out is not None else gb
-        backend.release(s.xz, *low.extra)
         return gx
 
     def config(self):

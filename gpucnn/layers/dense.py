@@ -68,9 +68,8 @@ class Dense(Layer):
                     channel_name="features")
         check_same_device(self.name, x, self.params["weight"])
         kind, slope = (activation.kind, activation.slope) if activation is not None else ("identity", 0.0)
-        self._x = x
         y = K.dense_forward(x, self.params["weight"], self.params.get("bias"), kind, slope)
-        self._y = y if kind != "identity" else None
+        self._x, self._y = self.save_for_backward(x, y if kind != "identity" else None)
         self._act = (kind, slope)
         return y
 
@@ -111,6 +110,7 @@ class Flatten(Layer):
             raise ValueError(f"Flatten: expected an input (N, ...) with a batch axis and at least 2 dims, "
                              f"got shape {tuple(x.shape)}")
         self._x_shape = tuple(x.shape)
+        self.save_for_backward()        # backward reads only the shape (the output is a view of x)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, gy):

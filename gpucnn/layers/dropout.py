@@ -40,12 +40,14 @@ class Dropout(Layer):
         self._shape = tuple(x.shape)
         if not training or self.p == 0:
             self._mask = None
+            self.save_for_backward()        # backward passes the gradient through
             if training:
                 self.step += 1
             return x
         if self._keys is None or backend.is_cupy(self._keys) != backend.is_cupy(x):
             self._keys = K.keys_buffer(x)
-        y, self._mask = K.dropout_forward(x, self.p, self.seed, self.step, keys=self._keys)
+        y, mask = K.dropout_forward(x, self.p, self.seed, self.step, keys=self._keys)
+        self._mask = self.save_for_backward(mask)
         self.step += 1
         return y
 
@@ -63,9 +65,7 @@ class Dropout(Layer):
                              f"expected the forward output's {shape}")
         if self._mask is None:
             return gy
-        gx = K.dropout_backward(gy, self._mask)
-        backend.release(self._mask)     # in a training step read by no one again: the workspace may reuse it
-        return gx
+        return K.dropout_backward(gy, self._mask)
 
     def config(self):
         return {"p": self.p, "seed": self.seed}

@@ -57,7 +57,7 @@ class LocalResponseNorm(Layer):
     def forward(self, x, training=True):
         check_input(self.name, x, 4, _NCHW)
         y, scale = K.lrn_forward(x, self.size, self.alpha, self.beta, self.k)
-        self._x, self._y, self._scale = x, y, scale
+        self._x, self._y, self._scale = self.save_for_backward(x, y, scale)
         return y
 
     def backward(self, gy):
@@ -65,9 +65,7 @@ class LocalResponseNorm(Layer):
         if tuple(gy.shape) != tuple(x.shape):
             raise ValueError(f"{self.name}: backward got a gradient of shape {tuple(gy.shape)}, "
                              f"expected the forward output's {tuple(x.shape)}")
-        gx = K.lrn_backward(x, self._y, self._scale, gy, self.size, self.alpha, self.beta, self.k)
-        backend.release(self._scale)    # in a training step read by no one again: the workspace may reuse it
-        return gx
+        return K.lrn_backward(x, self._y, self._scale, gy, self.size, self.alpha, self.beta, self.k)
 
     def output_shape(self, input_shape):
         return _check_sample_shape(self.name, input_shape)
@@ -119,6 +117,7 @@ class BatchNorm2D(Layer):
                 self.buffers[name] = buf.astype(self.dtype)
         y, self._cache = K.batchnorm_forward(x, gamma, beta, self.buffers["running_mean"],
                                              self.buffers["running_var"], self.eps, self.momentum, training)
+        self.save_for_backward(*self._cache)
         self._trained = bool(training)
         return y
 

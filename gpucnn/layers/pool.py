@@ -5,7 +5,6 @@ Both take ``kernel_size``, ``stride`` (default: the kernel size, windows side by
 """
 from __future__ import annotations
 
-from .. import backend
 from ..kernels import pool as K
 from .base import Layer, check_input, conv_output_size, pair
 
@@ -61,16 +60,15 @@ class MaxPool2D(_Pool2D):
 
     def forward(self, x, training=True):
         self._check_forward(x)
-        y, self.switches = K.maxpool2d_forward(x, self.kernel, self.stride, self.padding)
+        y, switches = K.maxpool2d_forward(x, self.kernel, self.stride, self.padding)
+        self.switches = self.save_for_backward(switches)
         self._x_shape = tuple(x.shape)
         return y
 
     def backward(self, gy):
         switches = self._need("switches")
         self._check_gy(gy, self._x_shape)
-        gx = K.maxpool2d_backward(gy, switches, self._x_shape, self.kernel, self.stride, self.padding)
-        backend.release(switches)       # in a training step read by no one again: the workspace may reuse it
-        return gx
+        return K.maxpool2d_backward(gy, switches, self._x_shape, self.kernel, self.stride, self.padding)
 
 
 class AvgPool2D(_Pool2D):
@@ -79,6 +77,7 @@ class AvgPool2D(_Pool2D):
     def forward(self, x, training=True):
         self._check_forward(x)
         self._x_shape = tuple(x.shape)
+        self.save_for_backward()        # backward reads nothing but the shape
         return K.avgpool2d_forward(x, self.kernel, self.stride, self.padding)
 
     def backward(self, gy):
