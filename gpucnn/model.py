@@ -40,7 +40,6 @@ from .kernels.loss import check_labels, softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, check_finite
 from .optim import SGD, FlatParameters
-from .step import _fusable_activation  # noqa: F401  (the planner's question, kept importable here)
 
 __all__ = ["Sequential"]
 

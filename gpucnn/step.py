@@ -2,10 +2,11 @@
 backward in fused stages, ends every buffer's life when nothing reads it again, and captures and replays the
 step as a CUDA graph.
 
-Stages. When a Sequential is built it decides what to fuse (:func:`plan`, ``fuse=True``): a Conv2D or Dense
-followed by an activation layer computes that activation in its bias kernel, and a Conv2D -> activation ->
-pooling runs its pooling there too; the activation and pooling layers then pass their input through inside
-this model (called alone, every layer still computes its own op). Every parameter lives in one flat array and
+Stages. When a Sequential is built it decides what to fuse (:func:`plan`, ``fuse=True``) by asking the layers:
+each says what it would add as an epilogue value (``Layer.epilogue()``: an activation, a pooling) and a head says
+which it computes in its own kernels (``Layer.absorbs``): a Conv2D or Dense computes the activation after it in
+its bias kernel, and a Conv2D the pooling after that too; the stage then owns what those layers would have kept
+(:class:`Stage`; called alone, every layer still computes its own op). Every parameter lives in one flat array and
 every gradient in another (:class:`gpucnn.optim.FlatParameters`); backward writes each gradient straight into
 its view. A step on the GPU path (LeNet-5: 29 launches) is then: per conv im2col, GEMM, and bias + activation
 + pooling in one kernel that also writes NCHW; per dense a GEMM and bias + activation; softmax cross-entropy
@@ -43,9 +44,7 @@ import warnings
 
 from . import backend, memory
 from .checkpoint import as_json
-from .layers.conv import Conv2D
-from .layers.dense import Dense
-from .layers.pool import AvgPool2D, MaxPool2D
+from .layers.base import Act, Pool
 from .optim import clip_grad_norm
 
 __all__ = ["train_step", "plan", "Stage", "RECOMPUTE_ABOVE"]
@@ -63,56 +62,45 @@ OOM_ADVICE = ("Train with a smaller batch, or lower Conv2D.RECOMPUTE_ABOVE (= gp
               "layers whose im2col matrix is larger make it again in backward instead of keeping it for the whole "
               "step); bench/memory.py shows a step's peak memory by batch size.")
 
-_POOLS = (MaxPool2D, AvgPool2D)
-
-
 # ------------------------------------------------------------------------------------------ stages
 
 class Stage:
-    """One or more consecutive layers run as one: a Conv2D or Dense with the activation (and, after a
-    Conv2D, the pooling) that follows it, computed by the head's fused kernels; or a single layer."""
+    """One or more consecutive layers run as one: a head (Conv2D, Dense) and the layers after it whose epilogues
+    (Layer.epilogue: an activation, a pooling) its kernels compute (Layer.absorbs); or a single layer. The stage
+    owns what the fused layers would have kept: ``switches``, a fused max pooling's argmax."""
 
-    def __init__(self, head, act=None, pool=None):
-        self.head, self.act, self.pool = head, act, pool
-        self.layers = [layer for layer in (head, act, pool) if layer is not None]
-        # what the head's forward is passed to compute the fused layers
-        self.fused = {} if len(self.layers) == 1 else {"activation": act, **({"pool": pool} if pool else {})}
+    def __init__(self, head, fused=()):
+        self.head, self.layers = head, [head, *fused]
+        # what the head's forward is passed to compute the fused layers, by the kind of each epilogue
+        self.fused = {_KEYWORD[type(e)]: e for e in (layer.epilogue() for layer in fused)}
+
+    @property
+    def switches(self):
+        """Max pooling's argmax where this stage computed one (a deconvnet reads them), else None."""
+        pool = self.fused.get("pool")
+        return self.head.switches if pool is not None and pool.kind == "max" else None
 
     def forward(self, x, training):
-        y = self.head.forward(x, training=training, **self.fused)
-        self.forwarded(x)
-        return y
-
-    def forwarded(self, x):
-        """After the head's forward: the fused pooling layer keeps what it would have kept had it run."""
-        if self.pool is not None:
-            self.pool._x_shape = (x.shape[0],) + self.head.output_shape(tuple(x.shape[1:]))
-            if isinstance(self.pool, MaxPool2D):
-                self.pool.switches = self.head.switches     # as if the pooling layer had run (a deconvnet reads them)
+        return self.head.forward(x, training=training, **self.fused)
 
 
-def _fusable_activation(layer) -> bool:
-    """The planner asks the layer (gpucnn.layers.activation: only gpucnn's own activation classes, and only where
-    the derivative can be read from the output, all the fused backward keeps)."""
-    fusable = getattr(layer, "fusable", None)
-    return bool(fusable()) if callable(fusable) else False
+_KEYWORD = {Act: "activation", Pool: "pool"}
 
 
 def plan(layers, fuse: bool = True) -> list:
-    """The fusion plan: ``layers`` grouped into the stages forward and backward run (see the module docstring)."""
+    """The fusion plan: ``layers`` grouped into the stages forward and backward run (see the module docstring). Each
+    head takes the layers after it for as long as it absorbs their epilogues; the layers are asked, never typed."""
     stages, L, i = [], list(layers), 0
     while i < len(L):
-        head = L[i]
-        act = pool = None
-        if fuse and type(head) in (Conv2D, Dense) and i + 1 < len(L):
-            j = i + 1
-            if _fusable_activation(L[j]):
-                act, j = L[j], j + 1
-            if type(head) is Conv2D and j < len(L) and type(L[j]) in _POOLS:
-                pool, j = L[j], j + 1
-        stage = Stage(head, act, pool)
-        stages.append(stage)
-        i += len(stage.layers)
+        head, fused, epilogues = L[i], [], []
+        for layer in L[i + 1:] if fuse else ():
+            e = layer.epilogue()
+            if e is None or not head.absorbs(*epilogues, e):
+                break
+            fused.append(layer)
+            epilogues.append(e)
+        stages.append(Stage(head, fused))
+        i += 1 + len(fused)
     return stages
 
 
@@ -145,7 +133,6 @@ def train_step(model, x, y, loss, optimizer, clip_norm=None, graph=None):
             for k, stage in enumerate(stages):
                 mark, stage.head.saved = memory.mark(), None
                 out = stage.head.forward(h, training=True, **stage.fused)
-                stage.forwarded(h)
                 life.forwarded(k, mark, h, out)
                 h = out
             model._last_output = h

@@ -4,10 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers as L, model as gpucnn_model, optim
+from gpucnn import backend, layers as L, optim
 from gpucnn.backend import gpu_device
 from gpucnn.kernels import activation as K
 from gpucnn.kernels.activations import Activation, register
+from gpucnn.layers.base import Act
 from gpucnn.losses import SoftmaxCrossEntropy
 from gpucnn.model import Sequential
 from gpucnn.testing import check_backward
@@ -149,8 +150,8 @@ def softplus_net(dtype="float64", seed=0):
 
 @pytest.fixture
 def planner_asks_the_layer():
-    """gpucnn.model's planner asks the layer whether it fuses (layer.fusable()): nothing to patch any more."""
-    assert gpucnn_model._fusable_activation(L.ActivationLayer("softplus"))
+    """gpucnn.step's planner asks the layer what it would fuse as (layer.epilogue()): nothing to patch any more."""
+    assert L.ActivationLayer("softplus").epilogue() == Act("softplus", 0.0)
 
 
 def softplus_model(fuse, dtype="float64"):

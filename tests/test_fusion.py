@@ -13,6 +13,7 @@ import pytest
 from gpucnn import backend, layers as L, optim
 from gpucnn.kernels import activation as A
 from gpucnn.kernels import pool as P
+from gpucnn.layers.base import Act, Pool
 from gpucnn.losses import SoftmaxCrossEntropy
 from gpucnn.model import Sequential
 from gpucnn.testing import check_backward
@@ -77,6 +78,42 @@ def test_what_is_not_fused(rng):
     assert plan == [["Conv2D"], ["MyTanh"], ["MaxPool2D"], ["Dense"], ["LeakyReLU"], ["Dense", "ReLU"], ["ReLU"]]
 
 
+class Doubler(L.Layer):
+    """A user's head layer: 2x, and the activation it is given as an epilogue, computed here by NumPy."""
+
+    def absorbs(self, *epilogues):
+        return [type(e) for e in epilogues] == [Act]
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def forward(self, x, training=True, activation=None):
+        self.given = activation
+        return np.tanh(2 * x) if activation is not None else 2 * x
+
+
+def test_the_planner_asks_the_layers(rng):
+    """No type test decides a plan: a user's head that absorbs an activation (Layer.absorbs) is given the next
+    layer's epilogue value (Layer.epilogue), and a fused pooling layer's own fields are left alone (its stage
+    holds the switches)."""
+    model = Sequential([Doubler(), L.Tanh(), L.Conv2D(2, 3, 3, dtype="float64", rng=rng), L.ReLU(), L.MaxPool2D(2)],
+                       input_shape=(2, 6, 6))
+    assert [[type(l).__name__ for l in st.layers] for st in model.stages] == [["Doubler", "Tanh"],
+                                                                              ["Conv2D", "ReLU", "MaxPool2D"]]
+    assert model.stages[0].fused == {"activation": Act("tanh", 0.0)}
+    assert model.stages[1].fused == {"activation": Act("relu", 0.0), "pool": Pool("max", (2, 2), (2, 2), (0, 0))}
+    x = rng.standard_normal((2, 2, 6, 6))
+    y = model.forward(x, training=False)
+    pool = model.layers[4]
+    assert model.layers[0].given == Act("tanh", 0.0) and pool.switches is None and pool._x_shape is None
+    switches = model.stages[1].switches.copy()
+    alone = x
+    for layer in model.layers:
+        alone = layer.forward(alone, training=False)
+    np.testing.assert_allclose(y, alone, rtol=1e-12)
+    np.testing.assert_array_equal(switches, pool.switches)
+
+
 def test_layers_alone_still_compute_their_own_op(rng):
     model = Sequential(conv_act_pool("tanh", "avg", "float32"), input_shape=(2, 11, 12))
     x = rng.standard_normal((2, 2, 11, 12)).astype(np.float32)
@@ -100,8 +137,8 @@ def test_fused_equals_unfused(act, pool, dtype, rng):
     for k in b:
         assert a[k].dtype == b[k].dtype
         assert_close(a[k], b[k], dtype, k)
-    if "max" in pool:   # the pooling layer's switches, as if it had run (a deconvnet reads them)
-        assert np.array_equal(fused.layers[2].switches, plain.layers[2].switches)
+    if "max" in pool:   # the stage holds the fused pooling's switches, those the pooling layer computes alone
+        assert np.array_equal(fused.stages[0].switches, plain.layers[2].switches)
 
 
 @pytest.mark.parametrize("act,pool", CASES[:2])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..kernels import activation as K
 from ..kernels.activations import get
-from .base import Layer, check_input
+from .base import Act, Layer, check_input
 
 __all__ = ["ReLU", "LeakyReLU", "Tanh", "Sigmoid", "ActivationLayer"]
 
@@ -41,6 +41,10 @@ class _Activation(Layer):
         can be read from its output, all the fused backward keeps (Activation.fuses: not a LeakyReLU with a
         negative slope)."""
         return type(self) in _OURS and get(self.kind).fuses(self.slope)
+
+    def epilogue(self):
+        """This activation as a value a Conv2D or Dense computes in its bias kernel, where it is fusable."""
+        return Act(self.kind, self.slope) if self.fusable() else None
 
 
 class ReLU(_Activation):

@@ -11,6 +11,11 @@ A layer owns its parameters, its caches and its shape checks, and calls kernel f
     y  = layer.forward(x, training=True)
     gx = layer.backward(gy)       # dL/dx; fills layer.grads
 
+Fusion: a layer that can run inside the layer before it says what it would add there as a value, its
+``epilogue()`` (:class:`Act`, :class:`Pool`); a layer whose kernels can compute such values after its own op says
+so in ``absorbs(*epilogues)`` (Conv2D: an activation, then a pooling; Dense: an activation). gpucnn.step's planner
+asks these two and nothing else, and passes the values to the head's forward (``activation=``, ``pool=``).
+
 Lifetimes: forward declares what backward reads with ``self.save_for_backward(...)`` (as PyTorch's
 ``ctx.save_for_backward``, Chainer's ``retain_inputs``); in a training step the runner (gpucnn.step) keeps those
 arrays, and frees them once this layer's backward has run. Everything else a forward or backward makes and does
@@ -19,12 +24,27 @@ not return ends with it. A layer never releases anything itself.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import backend
 
 LAYER_TYPES: dict[str, type] = {}   # class name -> class, so that a saved model can be rebuilt
+
+
+class Act(NamedTuple):
+    """An activation as an epilogue: its registered kind (gpucnn.kernels.activations) and LeakyReLU's slope."""
+    kind: str
+    slope: float = 0.0
+
+
+class Pool(NamedTuple):
+    """A pooling as an epilogue ("max" or "avg", each an (H, W) pair): the spec the fused kernels take."""
+    kind: str
+    kernel: tuple
+    stride: tuple
+    padding: tuple
 
 
 class Layer:
@@ -79,6 +99,16 @@ class Layer:
         self.grads = {k: None for k in self.params}
         self.grad_views = {}
         return self
+
+    def epilogue(self):
+        """What this layer computes as a value the layer before it may compute in its own kernels (an
+        :class:`Act` or :class:`Pool`), or None: it runs alone."""
+        return None
+
+    def absorbs(self, *epilogues) -> bool:
+        """Whether this layer's forward computes ``epilogues`` (in order) after its own op, given as keywords
+        ``activation=`` and ``pool=``, and its backward differentiates them too."""
+        return False
 
     def save_for_backward(self, *arrays):
         """Declare the arrays backward reads (None entries are skipped); returns them, to keep as attributes:

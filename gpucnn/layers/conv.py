@@ -9,7 +9,7 @@ import numpy as np
 from .. import memory
 from ..kernels import activation as A
 from ..kernels import conv as K
-from .base import Layer, check_input, check_same_device, conv_output_size, init_uniform, pair
+from .base import Act, Layer, Pool, check_input, check_same_device, conv_output_size, init_uniform, pair
 
 __all__ = ["Conv2D"]
 
@@ -175,10 +175,16 @@ class Conv2D(ConvLayer):
         _, OH, OW = self.output_shape(input_shape)
         return int(np.prod(self._weight_shape())) * OH * OW
 
+    def absorbs(self, *epilogues) -> bool:
+        """An activation, a pooling, or both in that order: computed in the bias kernel after the GEMM (Layer.absorbs)."""
+        kinds = tuple(type(e) for e in epilogues)
+        return type(self) is Conv2D and kinds in ((Act,), (Pool,), (Act, Pool))
+
     def forward(self, x, training=True, activation=None, pool=None):
-        """The convolution of x (N, C, H, W). A Sequential passes the activation layer that follows (and the
-        pooling layer after that) to compute them in the same epilogue kernel; backward then takes the
-        gradient of what this call returned (the pooled output) and differentiates all of it."""
+        """The convolution of x (N, C, H, W). A Sequential passes the epilogue of the activation layer that
+        follows (an Act, or anything with ``kind`` and ``slope``) and of the pooling after that (a Pool) to compute
+        them in the same epilogue kernel; backward then takes the gradient of what this call returned (the pooled
+        output) and differentiates all of it."""
         check_input("Conv2D", x, 4, "(N, C, H, W)", self.dtype, self.in_channels)
         w = self.params["weight"]
         check_same_device("Conv2D", x, w)
@@ -192,7 +198,7 @@ class Conv2D(ConvLayer):
             y = A.bias_activation_nchw(z, b, kind, slope)
             a, switches, spec, y_shape = (y if kind != "identity" else None), None, None, (x.shape[0],) + out
         else:
-            spec = ("max" if pool.name == "MaxPool2D" else "avg", pool.kernel, pool.stride, pool.padding)
+            spec = Pool(pool.kind, pool.kernel, pool.stride, pool.padding)
             a, y, switches = A.bias_activation_pool(z, b, kind, slope, spec)
             y_shape = tuple(y.shape)
         self._saved = _Forward(conv, (kind, slope), a, spec, switches, y_shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import dense as K
-from .base import Layer, check_input, check_same_device, init_uniform
+from .base import Act, Layer, check_input, check_same_device, init_uniform
 
 __all__ = ["Dense", "Flatten"]
 
@@ -56,8 +56,12 @@ class Dense(Layer):
         self.output_shape(input_shape)
         return self.in_features * self.out_features
 
+    def absorbs(self, *epilogues) -> bool:
+        """An activation, computed in the bias kernel after the GEMM (Layer.absorbs)."""
+        return type(self) is Dense and tuple(type(e) for e in epilogues) == (Act,)
+
     def forward(self, x, training=True, activation=None):
-        """x W^T + b for x (N, in_features). A Sequential passes the activation layer that follows, to apply
+        """x W^T + b for x (N, in_features). A Sequential passes the activation layer's epilogue (an Act) to apply
         it in the bias kernel; backward then takes the gradient of the activation's output."""
         check_input(self.name, x, None, f"(N, {self.in_features})", dtype=self.dtype)
         if x.ndim != 2:

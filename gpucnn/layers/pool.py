@@ -6,7 +6,7 @@ Both take ``kernel_size``, ``stride`` (default: the kernel size, windows side by
 from __future__ import annotations
 
 from ..kernels import pool as K
-from .base import Layer, check_input, conv_output_size, pair
+from .base import Layer, Pool, check_input, conv_output_size, pair
 
 __all__ = ["MaxPool2D", "AvgPool2D"]
 
@@ -25,6 +25,12 @@ class _Pool2D(Layer):
                              f"{self.kernel}: with more, a window can lie wholly in the padding and pool no "
                              "input at all (PyTorch refuses it too)")
         self._x_shape = None
+
+    def epilogue(self):
+        """This pooling as a value a Conv2D computes in its epilogue (only gpucnn's own two classes). In a
+        Sequential the stage then holds what this layer would have kept (its ``switches``): gpucnn.step.Stage."""
+        return Pool(self.kind, self.kernel, self.stride, self.padding) if type(self) in (MaxPool2D, AvgPool2D) \
+            else None
 
     def config(self):
         plain = lambda p: p[0] if p[0] == p[1] else list(p)
@@ -53,6 +59,7 @@ class MaxPool2D(_Pool2D):
     """The maximum of each window. ``layer.switches`` (after forward) holds, per output, the flat index
     ``h * W + w`` of the winning element in its input plane: backward routes the gradient there, and a
     deconvnet unpools with it. Padded positions never win; ties go to the first maximum in window order."""
+    kind = "max"
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size, stride, padding)
@@ -73,6 +80,7 @@ class MaxPool2D(_Pool2D):
 
 class AvgPool2D(_Pool2D):
     """The mean of each window; padded zeros count (divide by KH*KW always, PyTorch's default)."""
+    kind = "avg"
 
     def forward(self, x, training=True):
         self._check_forward(x)
