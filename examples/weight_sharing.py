@@ -85,8 +85,8 @@ def main():
 
     print("\n2. The lecture's two-use example: one weight w used twice, w1 = w2 = w")
     two = two_paths(x1=1.5, x2=-0.8, w=0.6, target=1.0)
-    print(f"a1 = sigmoid(w1 x1), a2 = sigmoid(w2 x2), o = a1 * a2, l = (o - t)^2 / 2 with x1 = 1.5, x2 = -0.8, "
-          f"w = 0.6, t = 1")
+    print("a1 = sigmoid(w1 x1), a2 = sigmoid(w2 x2), o = a1 * a2, l = (o - t)^2 / 2 with x1 = 1.5, x2 = -0.8, "
+          "w = 0.6, t = 1")
     print(f"upper path  dl/do * do/da1 * da1/dw1 = {two['upper']:+.6f}")
     print(f"lower path  dl/do * do/da2 * da2/dw2 = {two['lower']:+.6f}")
     print(f"sum of both paths                    = {two['upper'] + two['lower']:+.6f}")

@@ -1,10 +1,6 @@
 """Dense and Flatten: finite differences, PyTorch, the GPU path ("sim") against the CPU, errors."""
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest

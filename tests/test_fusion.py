@@ -2,10 +2,6 @@
 epilogue kernels, inside a Sequential built with fuse=True. Here: the plan, the fused model against the same
 model unfused (fuse=False) and against PyTorch, finite differences through fused stages, the epilogue kernels
 alone (CPU against plain NumPy, the GPU path on "sim" against the CPU), and a real GPU compiler's view of them."""
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest

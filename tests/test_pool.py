@@ -1,9 +1,5 @@
 """Pooling: finite differences, a nested-loop reference, PyTorch, the GPU path ("sim") against the CPU."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
