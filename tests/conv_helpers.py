@@ -1,5 +1,6 @@
 """What the tests of the convolution's variants (test_conv, test_groups, test_conv_transpose) share: a NaN-proof
-comparison, a net trained beside its PyTorch twin, and the GPU path ("sim") of a layer or a net against the CPU."""
+comparison, a net trained beside its PyTorch twin, the GPU path ("sim") of a layer or a net against the CPU, and
+the convolution's definition one product at a time (reference_conv, reference_conv_backward)."""
 import contextlib
 
 import numpy as np
@@ -105,3 +106,35 @@ def assert_sim_steps_match_cpu(make, x, y, steps=2):
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         assert_close(a, b, "float32", f"parameters after {steps} steps, sim vs CPU")
+
+
+def reference_conv(x, w, b, stride, padding):
+    """The definition, one output element at a time (tiny sizes only)."""
+    N, C, H, W = x.shape
+    Cout, _, KH, KW = w.shape
+    (SH, SW), (PH, PW) = stride, padding
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    y = np.zeros((N, Cout, OH, OW))
+    for n, o, oh, ow in np.ndindex(N, Cout, OH, OW):
+        acc = 0.0 if b is None else b[o]
+        for c, kh, kw in np.ndindex(C, KH, KW):
+            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
+            if 0 <= h < H and 0 <= w_ < W:
+                acc += w[o, c, kh, kw] * x[n, c, h, w_]
+        y[n, o, oh, ow] = acc
+    return y
+
+
+def reference_conv_backward(x, w, gy, stride, padding):
+    """gx, gw, gb of the definition: every product x * w of the forward sends gy to both factors."""
+    N, C, H, W = x.shape
+    Cout, _, KH, KW = w.shape
+    (SH, SW), (PH, PW) = stride, padding
+    gx, gw = np.zeros(x.shape), np.zeros(w.shape)
+    for n, o, oh, ow in np.ndindex(*gy.shape):
+        for c, kh, kw in np.ndindex(C, KH, KW):
+            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
+            if 0 <= h < H and 0 <= w_ < W:
+                gx[n, c, h, w_] += gy[n, o, oh, ow] * w[o, c, kh, kw]
+                gw[o, c, kh, kw] += gy[n, o, oh, ow] * x[n, c, h, w_]
+    return gx, gw, gy.sum(axis=(0, 2, 3))

@@ -8,41 +8,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 from gpucnn import backend, layers as L
 from gpucnn.kernels import conv as K
-from gpucnn.kernels import mec
 from conftest import assert_close, assert_compiles_for_a_real_gpu
-from conv_helpers import assert_gradients, assert_sim_layer_matches_cpu
-
-
-def reference_conv(x, w, b, stride, padding):
-    """The definition, one output element at a time (tiny sizes only)."""
-    N, C, H, W = x.shape
-    Cout, _, KH, KW = w.shape
-    (SH, SW), (PH, PW) = stride, padding
-    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
-    y = np.zeros((N, Cout, OH, OW))
-    for n, o, oh, ow in np.ndindex(N, Cout, OH, OW):
-        acc = 0.0 if b is None else b[o]
-        for c, kh, kw in np.ndindex(C, KH, KW):
-            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
-            if 0 <= h < H and 0 <= w_ < W:
-                acc += w[o, c, kh, kw] * x[n, c, h, w_]
-        y[n, o, oh, ow] = acc
-    return y
-
-
-def reference_conv_backward(x, w, gy, stride, padding):
-    """gx, gw, gb of the definition: every product x * w of the forward sends gy to both factors."""
-    N, C, H, W = x.shape
-    Cout, _, KH, KW = w.shape
-    (SH, SW), (PH, PW) = stride, padding
-    gx, gw = np.zeros(x.shape), np.zeros(w.shape)
-    for n, o, oh, ow in np.ndindex(*gy.shape):
-        for c, kh, kw in np.ndindex(C, KH, KW):
-            h, w_ = oh * SH - PH + kh, ow * SW - PW + kw
-            if 0 <= h < H and 0 <= w_ < W:
-                gx[n, c, h, w_] += gy[n, o, oh, ow] * w[o, c, kh, kw]
-                gw[o, c, kh, kw] += gy[n, o, oh, ow] * x[n, c, h, w_]
-    return gx, gw, gy.sum(axis=(0, 2, 3))
+from conv_helpers import assert_gradients, assert_sim_layer_matches_cpu, reference_conv, reference_conv_backward
 
 
 # (layer arguments, input shape): each a case the index arithmetic could get wrong
@@ -178,61 +145,6 @@ def test_kernel_functions_with_activation_and_no_bias(rng):
     gx, gw, gb = K.conv2d_backward(x.shape, col, w, gy, 1, 1, need_gw=False, need_gb=False)
     assert gw is None and gb is None
     assert_close(gx, ref_gx, "float64", "gx alone")
-
-
-@given(N=st.integers(1, 3), C=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(1, 7), KH=st.integers(1, 4),
-       KW=st.integers(1, 4), SH=st.integers(1, 3), SW=st.integers(1, 3), PH=st.integers(0, 2), PW=st.integers(0, 2),
-       seed=st.integers(0, 2 ** 16))
-@settings(max_examples=60, deadline=None)
-def test_cpu_row_lowering_holds_every_receptive_field_of_im2col(N, C, H, W, KH, KW, SH, SW, PH, PW, seed):
-    # the CPU's lighter lowering (MEC) must present, for output row oh, exactly im2col's columns of that row,
-    # with its rows in (kh, c, kw) order instead of (c, kh, kw)
-    assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
-    x = np.random.default_rng(seed).standard_normal((N, C, H, W))
-    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
-    blocks = mec.row_blocks(mec.lower(x, KH, KW, SH, SW, PH, PW), KH, SH, OH)     # (OH, KH*C*KW, OW*N)
-    col = K.im2col(x, KH, KW, (SH, SW), (PH, PW)).reshape(C, KH, KW, OH, OW * N)
-    expect = col.transpose(3, 1, 0, 2, 4).reshape(OH, KH * C * KW, OW * N)
-    np.testing.assert_array_equal(blocks, expect)
-
-
-@given(N=st.integers(1, 3), C=st.integers(1, 3), Cout=st.integers(1, 3), H=st.integers(1, 8),
-       W=st.integers(1, 8), KH=st.integers(1, 4), KW=st.integers(1, 4), SH=st.integers(1, 3), SW=st.integers(1, 3),
-       PH=st.integers(0, 2), PW=st.integers(0, 2), seed=st.integers(0, 2 ** 16))
-@settings(max_examples=60, deadline=None)
-def test_cpu_sliced_gemms_and_row_groups_match_the_definition(N, C, Cout, H, W, KH, KW, SH, SW, PH, PW, seed):
-    # The CPU cuts thin GEMMs into column slices and sums grad-weight's per-row products a few rows at a time
-    # (SMALL_GEMM, MIN_SLICE, PARTS sized for LeNet and AlexNet at full batch). Shrunk here so that the tiny
-    # shapes take those paths: slices of 1-3 columns, ragged last slices, groups of 1-2 rows.
-    assume(H + 2 * PH >= KH and W + 2 * PW >= KW)
-    old = mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS
-    mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS = 2 * C * KH * KW * Cout, 1, 2 * C * KH * KW * Cout
-    try:
-        r = np.random.default_rng(seed)
-        x, w = r.standard_normal((N, C, H, W)), r.standard_normal((Cout, C, KH, KW))
-        y, col = K.conv2d_forward(x, w, None, (SH, SW), (PH, PW))
-        gy = r.standard_normal(y.shape)
-        gx, gw, _ = K.conv2d_backward(x.shape, col, w, gy, (SH, SW), (PH, PW))
-    finally:
-        mec.SMALL_GEMM, mec.MIN_SLICE, mec.PARTS = old
-    assert_close(y, reference_conv(x, w, None, (SH, SW), (PH, PW)), "float64", "y")
-    rgx, rgw, _ = reference_conv_backward(x, w, gy, (SH, SW), (PH, PW))
-    assert_close(gx, rgx, "float64", "gx")
-    assert_close(gw, rgw, "float64", "gw")
-
-
-@pytest.mark.parametrize("Cout,N", [(1, 8), (4, 1), (7, 3)])
-def test_cpu_weight_gradient_into_a_flat_buffer_view(Cout, N, rng):
-    # gw is summed over output rows straight into the optimizer's flat buffer (a view), as train_step does
-    x = rng.standard_normal((N, 2, 6, 5))
-    w = rng.standard_normal((Cout, 2, 3, 3))
-    _, col = K.conv2d_forward(x, w, None, (2, 1), 1)
-    gy = rng.standard_normal((N, Cout, 3, 5))
-    flat = np.full(w.size + 3, np.nan)
-    gz, _ = K.activation_bias_backward(gy, None, "identity", layout="gemm", need_gb=False)
-    _, gw = K.conv2d_gemm_backward(x.shape, col, w, gz, (2, 1), 1, need_gx=False, gw_out=flat[2:2 + w.size].reshape(w.shape))
-    assert_close(gw, reference_conv_backward(x, w, gy, (2, 1), (1, 1))[1], "float64", "gw")
-    assert np.shares_memory(gw, flat) and np.isnan(flat[:2]).all() and np.isnan(flat[-1])
 
 
 def test_params_init_and_config(rng):
