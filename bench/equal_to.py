@@ -7,14 +7,17 @@ The revision is checked out in a temporary ``git worktree``; each checkout then 
 device (Numba picks the simulator once per process), the same few training steps of each net below on the same
 seeded batches (SGD with momentum and weight decay; Adam and gradient clipping for some), and writes every
 parameter and every step's loss. The table gives, per net and device, the largest absolute and relative
-difference over all of them; "identical" means every bit. Then this checkout loads the model and the training
+difference over all of them; "identical" means every bit. A net that is not identical passes only when a change
+listed in :data:`EXPLAINED` accounts for it (which commit moved which bits, and why) and it stays within
+:data:`TOLERANCE` relative after the 10 steps (1e-5 in float32, 1e-12 in float64). Then this checkout loads the model and the training
 checkpoint the revision wrote after its steps (``Sequential.load``; ``fit(resume=...)`` for one more epoch in
 both checkouts, compared bit for bit): files saved by the old code must still load.
 
 Nets (small, so that the simulator runs them in minutes): LeNet-5 (tanh/avg and relu/max), alexnet_small on 8x8
 images, a mini AlexNet (11x11 stride-4 conv, LRN, overlapping max pools, dropout) and a BatchNorm net, each also
-with Winograd convolutions where its 3x3 layers allow, and LeNet-5 with every lowered input recomputed.
-Only the public API both revisions share is used. Exit status 1 when anything differs.
+with Winograd convolutions where its 3x3 layers allow, LeNet-5 with every lowered input recomputed, and LeNet-5
+and the BatchNorm net in float64. Only the public API both revisions share is used. Exit status 1 when a
+difference is unexplained or over tolerance.
 """
 import argparse
 import os
@@ -26,13 +29,22 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STEPS = 3
+STEPS = 10
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}       # relative, after STEPS steps, where a difference is explained
+
+# Changes since the redesign's baseline (57385f0) that move bits on purpose: (nets whose name contains this,
+# the commit and why). Anything else that differs is a regression.
+EXPLAINED = [
+    ("batchnorm", "30f0901: one overflow-safe sigmoid for every kernel (the CPU's 1/(1+exp(-x)) became "
+                  "exp(x)/(1+exp(x)) for x < 0, as the Numba device function was; ~1 ulp there); the net's Sigmoid"),
+]
 
 
 # ------------------------------------------------------------------------------------------ in each checkout
 
 def _nets(gc):
-    """name -> (make the model, batch shape, classes, optimizer kind, clip_norm, recompute_above)."""
+    """name -> (make the model, batch shape, classes, optimizer kind, clip_norm, recompute_above); a name ending in
+    "float64" builds its layers in float64."""
     L, models = gc.layers, gc.models
 
     def mini_alexnet():
@@ -44,12 +56,13 @@ def _nets(gc):
             L.MaxPool2D(3, 2), L.Flatten(), L.Dropout(0.5, seed=1), L.Dense(4, 8, rng=r), L.ReLU(),
             L.Dropout(0.5, seed=2), L.Dense(8, 5, rng=r)], input_shape=(3, 67, 67))
 
-    def batchnorm():
+    def batchnorm(dtype="float32", head=None):
         r = np.random.default_rng(4)
         return gc.Sequential([
-            L.Conv2D(1, 4, 3, padding=1, rng=r), L.BatchNorm2D(4), L.ReLU(), L.MaxPool2D(2),
-            L.Conv2D(4, 4, 3, padding=1, rng=r), L.Tanh(), L.AvgPool2D(2), L.Flatten(),
-            L.Dropout(0.3, seed=5), L.Dense(16, 6, rng=r), L.Sigmoid(), L.Dense(6, 3, rng=r)], input_shape=(1, 8, 8))
+            L.Conv2D(1, 4, 3, padding=1, rng=r, dtype=dtype), L.BatchNorm2D(4, dtype=dtype), L.ReLU(),
+            L.MaxPool2D(2), L.Conv2D(4, 4, 3, padding=1, rng=r, dtype=dtype), L.Tanh(), L.AvgPool2D(2), L.Flatten(),
+            L.Dropout(0.3, seed=5), L.Dense(16, 6, rng=r, dtype=dtype), (head or L.Sigmoid)(),
+            L.Dense(6, 3, rng=r, dtype=dtype)], input_shape=(1, 8, 8))
 
     wino = models.use_winograd
     return {
@@ -64,6 +77,10 @@ def _nets(gc):
         "mini alexnet, winograd": (lambda: wino(mini_alexnet()), (2, 3, 67, 67), 5, "adam", None, None),
         "batchnorm": (batchnorm, (3, 1, 8, 8), 3, "sgd", None, None),
         "batchnorm, winograd": (lambda: wino(batchnorm()), (3, 1, 8, 8), 3, "sgd", None, None),
+        "lenet5 float64": (lambda: models.lenet5(seed=0, dtype="float64"), (2, 1, 28, 28), 10, "adam", 1.0, None),
+        "batchnorm float64": (lambda: batchnorm("float64"), (3, 1, 8, 8), 3, "sgd", None, None),
+        # the same net with Tanh for its Sigmoid: what [1] below blames must then vanish
+        "bn-tanh-head": (lambda: batchnorm(head=L.Tanh), (3, 1, 8, 8), 3, "sgd", None, None),
     }
 
 
@@ -95,7 +112,7 @@ def run(checkout, out, only, folder):
         opt = _optimizer(gc, model, kind)
         rng = np.random.default_rng(sum(map(ord, name)))
         for t in range(STEPS):
-            x = rng.standard_normal(shape).astype(np.float32)
+            x = rng.standard_normal(shape).astype("float64" if name.endswith("float64") else np.float32)
             y = rng.integers(0, classes, shape[0])
             value = model.train_step(gc.asarray(x), gc.asarray(y), SoftmaxCrossEntropy(), opt, clip_norm=clip)
             results[f"{name}|loss {t}"] = np.asarray(gc.to_numpy(value), np.float64)
@@ -190,10 +207,21 @@ def compare(rev, devices, only):
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", other], capture_output=True)
     print(f"| net | device | arrays | max abs difference | max rel difference | identical to {rev} |")
     print("|---|---|---:|---:|---:|---|")
+    reasons = {}
     for net, device, n, abs_d, rel_d, same in rows:
-        print(f"| {net} | {device} | {n} | {abs_d:.3g} | {rel_d:.3g} | {'yes' if same else 'NO'} |")
+        verdict = "yes"
         if not same:
-            failed.append((net, device))
+            why = [(i, text) for i, (key, text) in enumerate(EXPLAINED) if key in net]
+            tol = TOLERANCE["float64" if net.endswith("float64") else "float32"]
+            if why and rel_d <= tol:
+                verdict = f"no, explained ({', '.join(f'[{i + 1}]' for i, _ in why)}; rel <= {tol:g})"
+                reasons.update(why)
+            else:
+                verdict = "NO: " + ("over tolerance" if why else "unexplained")
+                failed.append((net, device))
+        print(f"| {net} | {device} | {n} | {abs_d:.3g} | {rel_d:.3g} | {verdict} |")
+    for i, text in sorted(reasons.items()):
+        print(f"\n[{i + 1}] {text}")
     return failed
 
 
