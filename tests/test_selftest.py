@@ -54,7 +54,8 @@ def test_sim_quick_passes_and_covers_every_op_family():
             assert any(n.startswith(f"{fam}:") and n.endswith(dt) for n in table), f"no {fam} {dt} row:\n{r.stdout}"
     for what in ("winograd", "gemm", "11x11/4", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "MaxPool2D", "AvgPool2D",
                  "LocalResponseNorm", "BatchNorm2D training", "BatchNorm2D eval", "Dropout", "SoftmaxCrossEntropy",
-                 "MSE", "SGD momentum", "Adam", "clip_grad_norm"):
+                 "MSE", "SGD momentum", "Adam", "clip_grad_norm", "groups 2 gemm", "groups 2 winograd", "convT:",
+                 "CoralHead", "BCE(logits)", "BCE(probabilities)"):
         assert any(what in n for n in table), f"no {what} row:\n{r.stdout}"
     for net in ("lenet5", "alexnet_small"):
         assert table[f"train: {net} eager vs CPU"] == "pass"

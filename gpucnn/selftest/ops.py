@@ -1,4 +1,4 @@
-"""The self-test's op rows: every op family (conv with each algorithm, dense, activations, pooling, normalisation,
+"""The self-test's op rows: every op family (conv with each algorithm, grouped and transposed, dense, activations, pooling, normalisation,
 dropout, losses, CORAL, optimizers, clipping) forward and backward on the GPU path against the CPU path, in
 float32 and float64, at the shapes ``sizes`` gives (gpucnn/selftest/__init__.py)."""
 from __future__ import annotations
@@ -196,10 +196,16 @@ def op_checks(sz):
     """(name, check(paths, rng) -> Result) for every op family, in float32 and float64."""
     rows = []
     for dt in ("float32", "float64"):
-        for what, (cin, cout, k, s, p), shape, algos in sz["conv"]:
+        for what, (cin, cout, k, s, p, *g), shape, algos in sz["conv"]:
             for algo in algos:
                 rows.append(_layer_row(f"conv: {what} {algo}", functools.partial(
-                    L.Conv2D, cin, cout, k, stride=s, padding=p, dtype=dt, algorithm=algo), shape, dt))
+                    L.Conv2D, cin, cout, k, stride=s, padding=p, dtype=dt, algorithm=algo, groups=(g or [1])[0]),
+                    shape, dt))
+        for what, (cin, cout, k, s, p, op, g), shape, algos in sz["conv_transpose"]:
+            for algo in algos:
+                rows.append(_layer_row(f"convT: {what} {algo}", functools.partial(
+                    L.ConvTranspose2D, cin, cout, k, stride=s, padding=p, output_padding=op, groups=g, dtype=dt,
+                    algorithm=algo), shape, dt))
         for what, (fin, fout), shape in sz["dense"]:
             rows.append(_layer_row(f"dense: {what}", functools.partial(L.Dense, fin, fout, dtype=dt), shape, dt))
         for what, make in (("ReLU", L.ReLU), ("Tanh", L.Tanh), ("Sigmoid", L.Sigmoid),
@@ -223,7 +229,7 @@ def op_checks(sz):
         rows.append((f"coral: CoralHead + CoralLoss ({sz['loss'][0]},{sz['loss'][0] * 4}->10) {_SHORT[dt]}",
                      functools.partial(check_coral, shape=(sz["loss"][0], sz["loss"][0] * 4, 10), dtype=dt)))
         for logits in (True, False):
-            rows.append((f"loss: BinaryCrossEntropy({'logits' if logits else 'probabilities'}) "
+            rows.append((f"loss: BCE({'logits' if logits else 'probabilities'}) "
                          f"{_shape(sz['act'])} {_SHORT[dt]}",
                          functools.partial(check_bce, shape=sz["act"], dtype=dt, from_logits=logits)))
         sgd = functools.partial(optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
