@@ -314,8 +314,14 @@ def step_row(args, torch, s, name, batch, precision, first_precision=True):
 
 
 def free_device_memory(torch):
+    """Between nets: each net's peak is measured from a clean pool. A model's layers, stages and cached steps refer
+    to each other, so its arrays wait for the cycle collector: collect first, then give the pools' blocks back
+    (the H200 run of 2026-12-04 showed LeNet-5 rows at AlexNet's 9,400 MiB: memory held from the net before)."""
     if ARGS.device == "cuda":
+        import gc
+
         import cupy
+        gc.collect()
         cupy.get_default_memory_pool().free_all_blocks()
         if torch is not None:
             torch.cuda.empty_cache()
