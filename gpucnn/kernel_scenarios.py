@@ -1,10 +1,11 @@
 """Step 1 of ``gpucnn kernels`` (gpucnn.kernel_report): record every Numba launch of real-size training.
 
-:data:`SCENARIOS` are the runs: the shipped models' training steps, predict, evaluate and fit at real sizes, and
-the paths they do not take (the plain data-movement kernels, BatchNorm with MSE, a batch of 10,000 rows, a CORAL
-head, at LeNet-5's size and through fit at AlexNet's), the grouped AlexNets and examples/conv_autoencoder.py's nets. :func:`record` runs them on "sim" inside gpucnn.profile.shapes_only(cuda_shapes=True), so nothing is
-computed and every grid is the one "cuda" would launch; tests/test_launch_resources.py checks those grids
-against the registers of a real GPU and against the fill rule.
+:data:`SCENARIOS` are the runs: the shipped models' training steps, predict, evaluate and fit at real sizes (the
+grouped AlexNets too), and the paths they do not take (the plain data-movement kernels, BatchNorm with MSE, a batch
+of 10,000 rows, a CORAL head at LeNet-5's size and through fit at AlexNet's, examples/conv_autoencoder.py's nets).
+:func:`record` runs them on "sim" inside gpucnn.profile.shapes_only(cuda_shapes=True), so nothing is computed and
+every grid is the one "cuda" would launch; tests/test_launch_resources.py checks those grids against the registers
+of a real GPU and against the fill rule.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def _conv_autoencoder():
                      L.Conv2D(32, 8, 3, padding=1, rng=r), L.ReLU(),
                      L.ConvTranspose2D(8, 32, 3, padding=1, rng=r), L.ReLU(),
                      L.ConvTranspose2D(32, 16, 3, stride=2, padding=1, output_padding=1, rng=r), L.ReLU(),
-                     L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, rng=r)], input_shape=(1, 28, 28))
+                     L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, rng=r)],
+                    input_shape=(1, 28, 28))
     images = r.uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
     bce, opt = BinaryCrossEntropy(from_logits=True), optim.Adam(ae, lr=2e-3)
     xb = images[:64]
@@ -190,7 +192,7 @@ def record(scenarios=None) -> list:
     for label, run in (scenarios or SCENARIOS).items():
         with shapes_only(cuda_shapes=True), record_launches() as log:
             run()
-        gc.collect()        # a model and its workspace are cycles: free them before the next (peak 2.7 GB, not 1.1)
+        gc.collect()        # a model and its workspace are cycles: freed before the next run (peak 1.1 GB, not 2.7)
         for r in log:
             key = (r.kernel, r.blocks, r.threads, r.shared_bytes, r.signature)
             if key in seen:
