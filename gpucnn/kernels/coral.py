@@ -48,7 +48,7 @@ def _tile_row_sums(a, count, partial, rowpart, t, tile, start, end):
     threads = cuda.blockDim.x
     R = threads // _LANES
     lane = t % _LANES
-    N, T = a.shape
+    T = a.shape[1]
     k = tile * _LANES + lane
     zero = partial.dtype.type(0)
     one = partial.dtype.type(1)
