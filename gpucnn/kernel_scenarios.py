@@ -1,12 +1,15 @@
 """Step 1 of ``gpucnn kernels`` (gpucnn.kernel_report): record every Numba launch of real-size training.
 
-:data:`SCENARIOS` are the runs: the shipped models' training steps, predict, evaluate and fit at real sizes, and
-the paths they do not take (the plain data-movement kernels, BatchNorm with MSE, a batch of 10,000 rows, a CORAL
-head). :func:`record` runs them on "sim" inside gpucnn.profile.shapes_only(cuda_shapes=True), so nothing is
-computed and every grid is the one "cuda" would launch; tests/test_launch_resources.py checks those grids
-against the registers of a real GPU and against the fill rule.
+:data:`SCENARIOS` are the runs: the shipped models' training steps, predict, evaluate and fit at real sizes (the
+grouped AlexNets too), and the paths they do not take (the plain data-movement kernels, BatchNorm with MSE, a batch
+of 10,000 rows, a CORAL head at LeNet-5's size and through fit at AlexNet's, examples/conv_autoencoder.py's nets).
+:func:`record` runs them on "sim" inside gpucnn.profile.shapes_only(cuda_shapes=True), so nothing is computed and
+every grid is the one "cuda" would launch; tests/test_launch_resources.py checks those grids against the registers
+of a real GPU and against the fill rule.
 """
 from __future__ import annotations
+
+import gc
 
 
 def _train(model, batch, opt, steps=3, clip_norm=None, loss=None, y=None):
@@ -94,6 +97,63 @@ def _coral():
     model.predict(x)
 
 
+def _conv_autoencoder():
+    """examples/conv_autoencoder.py's autoencoder at its batch of 64 (Conv2D down, ConvTranspose2D up, binary
+    cross-entropy on logits, Adam): its part-1 loop (train_step with the images as targets), its reconstructions
+    (predict on 300 images: a batch of 256 and one of 44, BCE, sigmoid), then a step of its part-2 loop: forward,
+    BCE, sigmoid, a LeNet-5 matcher's features (MSE) and classifier (cross-entropy) each back to their input, the
+    autoencoder's backward, Adam."""
+    import numpy as np
+    from . import layers as L, models, optim
+    from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+    from .model import Sequential
+    r = np.random.default_rng(0)
+    ae = Sequential([L.Conv2D(1, 16, 3, stride=2, padding=1, rng=r), L.ReLU(),
+                     L.Conv2D(16, 32, 3, stride=2, padding=1, rng=r), L.ReLU(),
+                     L.Conv2D(32, 8, 3, padding=1, rng=r), L.ReLU(),
+                     L.ConvTranspose2D(8, 32, 3, padding=1, rng=r), L.ReLU(),
+                     L.ConvTranspose2D(32, 16, 3, stride=2, padding=1, output_padding=1, rng=r), L.ReLU(),
+                     L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, rng=r)],
+                    input_shape=(1, 28, 28))
+    images = r.uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
+    bce, opt = BinaryCrossEntropy(from_logits=True), optim.Adam(ae, lr=2e-3)
+    xb = images[:64]
+    for _ in range(3):
+        ae.train_step(xb, xb, bce, opt)
+    z = ae.predict(images)
+    bce.forward(z, images)
+    L.Sigmoid().forward(z)
+    classifier, matcher = models.lenet5(num_classes=2, seed=0), models.lenet5(seed=1)
+    features = Sequential(matcher.layers[:6], matcher.input_shape)         # up to Flatten: 16x5x5
+    ae.layers[0].needs_input_grad = False
+    z = ae.forward(xb, training=True)
+    bce.forward(z, xb)
+    sigmoid, match, adv = L.Sigmoid(), MSE(), SoftmaxCrossEntropy()
+    p = sigmoid.forward(z)
+    target = features.forward(matcher.prepare(xb), training=False).copy()
+    match.forward(features.forward(matcher.prepare(p), training=False), target)
+    with np.errstate(all="ignore"):         # "sim" adds on the host, and nothing computed the values
+        g = features.backward(match.backward())
+        adv.forward(classifier.forward(classifier.prepare(p), training=False), r.integers(0, 2, 64))
+        ae.backward(bce.backward() + sigmoid.backward(g + classifier.backward(adv.backward())))
+    opt.step()
+
+
+def _fit_coral_alexnet():
+    """AlexNet with its 1,000 outputs read as ordered ranks (a CoralHead(4096, 1000): 999 tasks) trained by fit on
+    CoralLoss at batch 128 (two steps, each tallied), validated by evaluate on 100 images (the loss, the scores)."""
+    import numpy as np
+    from . import layers as L, models
+    from .losses import CoralLoss
+    from .model import Sequential
+    r = np.random.default_rng(0)
+    trunk = models.alexnet(seed=0, init="zeros").layers[:-1]
+    model = Sequential(trunk + [L.CoralHead(4096, 1000, rng=r)], input_shape=(3, 224, 224))
+    x = r.integers(0, 256, (256, 3, 224, 224), dtype=np.uint8)
+    y = r.integers(0, 1000, 256)
+    model.fit((x, y), epochs=1, batch_size=128, loss=CoralLoss(), validation=(x[:100], y[:100]), verbose=0)
+
+
 # label -> a function that runs it (on "sim", inside shapes_only(cuda_shapes=True) and record_launches()).
 # Every kernel in gpucnn.kernels must be launched by one of them (tests/test_launch_resources.py checks).
 # init="zeros": AlexNet's 62 million weights are not drawn (nothing is computed here anyway).
@@ -107,11 +167,15 @@ SCENARIOS = {
     "alexnet_small, batch 256": _full("alexnet_small", 256, init="zeros"),
     "alexnet, batch 128": _full("alexnet", 128, init="zeros"),
     "alexnet winograd, batch 128": _full("alexnet", 128, init="zeros", winograd=True),
+    "alexnet_small groups=2, batch 256": _full("alexnet_small", 256, init="zeros", groups=2),
+    "alexnet groups=2, batch 128": _full("alexnet", 128, init="zeros", groups=2),
     "lenet5 fit": _fit_lenet5,
     "lenet5 plain im2col/col2im": _plain_data_movement,
     "batchnorm, avg pool, MSE, batch 256": _batchnorm_mse,
     "dense, batch 10000": _big_batch,
     "coral head and loss, batch 256": _coral,
+    "conv autoencoder, batch 64": _conv_autoencoder,
+    "alexnet coral head fit and evaluate, batch 128": _fit_coral_alexnet,
 }
 
 
@@ -128,6 +192,7 @@ def record(scenarios=None) -> list:
     for label, run in (scenarios or SCENARIOS).items():
         with shapes_only(cuda_shapes=True), record_launches() as log:
             run()
+        gc.collect()        # a model and its workspace are cycles: freed before the next run (peak 1.1 GB, not 2.7)
         for r in log:
             key = (r.kernel, r.blocks, r.threads, r.shared_bytes, r.signature)
             if key in seen:

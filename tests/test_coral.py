@@ -8,6 +8,7 @@ from gpucnn import backend, layers as L, optim
 from gpucnn.kernels import coral as KC
 from gpucnn.losses import MSE, CoralLoss, coral_predict
 from gpucnn.model import Sequential
+from gpucnn.profile import record_launches
 from gpucnn.testing import check_backward
 from conftest import assert_close
 
@@ -224,30 +225,58 @@ def test_a_bad_rank_that_reaches_the_gpu_kernels_is_raised_from_fits_device_sums
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scores_and_tally_on_every_device(device, rng):
-    """Each row's [rank == y], [y outside [0, K)], |rank - y| against NumPy written from the definition, for
-    int32 and int64 labels, logits at exactly 0 (not "above") and NaN (not "above"), bad labels both ways."""
-    N, K = 11, 6
+@pytest.mark.parametrize("N, K", [(11, 6), (13, 70)])      # 70: three tiles of 32 tasks on the GPU path
+def test_scores_and_tally_on_every_device(device, N, K, rng):
+    """The batch's hits [rank == y], bad labels [y outside [0, K)] and sum of |rank - y| against NumPy written from
+    the definition, for int32 and int64 labels, logits at exactly 0 (not "above") and NaN (not "above"), bad labels
+    both ways; tally adds loss * N, hits and bad labels to fit's sums."""
     z = rng.standard_normal((N, K - 1)).astype(np.float32)
     z[0, :] = 0
     z[1, 2] = np.nan
-    y = rng.integers(0, K, N)
-    y[4], y[7] = -1, K
     rank = (np.nan_to_num(z, nan=-1) > 0).sum(axis=1)
+    y = rng.integers(0, K, N)
+    y[[0, 2]] = rank[[0, 2]]                  # two hits at least
+    y[4], y[7] = -1, K
     ok = (y >= 0) & (y < K)
-    expected = np.stack([ok & (rank == y), ~ok, np.where(ok, np.abs(rank - y), 0)], axis=1).astype(np.float64)
+    expected = [(ok & (rank == y)).sum(), (~ok).sum(), np.where(ok, np.abs(rank - y), 0).sum()]
+    assert expected[2] > 0, "a trivial case proves little"
     for labels in (y, y.astype(np.int32)):
-        np.testing.assert_array_equal(backend.to_numpy(KC.scores(z, labels)), expected)
+        got = KC.scores(z, labels)
+        assert got.dtype == np.float64 and got.shape == (3,)
+        np.testing.assert_array_equal(backend.to_numpy(got), expected)
         acc = np.zeros(3)
         value = np.asarray(np.float32(rng.uniform(0.5, 2)))
         KC.tally(value, z, labels, acc)
         KC.tally(value, z, labels, acc)
-        np.testing.assert_array_equal(acc, [2 * float(value) * N, 2 * expected[:, 0].sum(), 2 * (~ok).sum()])
+        np.testing.assert_array_equal(acc, [2 * float(value) * N, 2 * expected[0], 2 * expected[1]])
 
 
 @pytest.mark.sim
-def test_the_tally_is_one_elementwise_launch_on_the_gpu_path(rng):
+def test_the_tally_and_the_scores_are_one_launch_each_on_the_gpu_path(rng):
     z = rng.standard_normal((9, 4)).astype(np.float32)
+    y = rng.integers(0, 5, 9)
     with gpucnn.profile() as p:
-        KC.tally(np.asarray(np.float32(1.5)), z, rng.integers(0, 5, 9), np.zeros(3))
-    assert p.launches == 1 and p.counts["coral"]["cupy"] == 1
+        KC.tally(np.asarray(np.float32(1.5)), z, y, np.zeros(3))
+    assert p.launches == 1 and p.counts["coral"]["numba"] == 1
+    with gpucnn.profile() as p:
+        CoralLoss().scores(z, y)
+    assert p.launches == 1 and p.counts["coral"]["numba"] == 1
+
+
+@pytest.mark.sim
+def test_sim_head_backward_over_many_blocks_matches_cpu_to_the_bit_every_run(rng):
+    """gb (sums over rows) and s (sums over 69 tasks: three tiles of 32) over several chunks of rows: equal to the
+    CPU's within rounding, and the same bits on a second run (no float atomics)."""
+    N, T, F = 11, 69, 5
+    x = rng.standard_normal((N, F)).astype(np.float32)
+    w = rng.standard_normal((1, F)).astype(np.float32)
+    gz = rng.standard_normal((N, T)).astype(np.float32)
+    with record_launches() as log:
+        first = KC.coral_backward(x, w, gz)
+    assert [r.blocks for r in log if r.kernel == "coral._sums_kernel"] == [3 * 2]     # 3 tiles x 2 chunks of rows
+    again = KC.coral_backward(x, w, gz)
+    with backend.cpu_path():
+        ref = KC.coral_backward(x, w, gz)
+    for name, a, b, r in zip(("gx", "gw", "gb"), first, again, ref):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b), err_msg=name)
+        assert_close(a, r, "float32", f"CORAL backward {name} (sim vs cpu)")

@@ -10,7 +10,7 @@ CODE = textwrap.dedent("""
     import types
     from gpucnn import launch
     from gpucnn.kernels import loss
-    jitted = loss._block_sum.compiled()              # the real numba.cuda (no simulator), not compiled yet
+    jitted = loss._sum_kernel.compiled()              # the real numba.cuda (no simulator), not compiled yet
     cache = jitted._cache
     assert type(cache).__name__ == "CUDACache", type(cache)   # cache=True
     codegen = types.SimpleNamespace(magic_tuple=lambda: ("nvptx64", "sm_90", ""))
@@ -21,7 +21,7 @@ CODE = textwrap.dedent("""
 
 
 def test_the_disk_cache_key_covers_every_kernel_source():
-    """_block_sum calls block_sum from reduce.py: Numba alone would key its cache on loss.py's bytecode and
+    """_sum_kernel calls grid_total from reduce.py: Numba alone would key its cache on loss.py's bytecode and
     timestamp and load stale machine code after reduce.py changed; the digest of all kernel sources joins the key."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUCNN_DEVICE")}
     env["GPUCNN_DEVICE"] = "cpu"

@@ -217,14 +217,24 @@ def _blocks(tiles: int) -> int:
     return min(tiles, 1) if backend.sim_sized() else tiles
 
 
+def _narrowed(width: int, size: int, tiles_of, threads_of) -> int:
+    """A tile ``width`` halved (to 1 at least) until a block per tile, tiles_of(width) x threads_of(width), keeps the
+    fill rule (reduce.fills) for the launch's largest array of ``size`` elements: narrower tiles, more blocks."""
+    while width > 1 and not fills(size, tiles_of(width), threads_of(width)):
+        width = (width + 1) // 2
+    return width
+
+
+def _im2col_bytes(TN, TOW, SW, KW, itemsize) -> int:
+    """Shared memory of a tiled im2col block: TN images' input rows, each (TOW - 1) * SW + KW wide (odd)."""
+    return TN * (((TOW - 1) * SW + KW) | 1) * itemsize
+
+
 def _im2col_tiles(N, OW, KW, SW, itemsize):
     """(TN, TOW, shared bytes) of the tiled im2col, the tile shrunk until its input rows fit in
     SHARED_LIMIT; None when not even one image's one output column fits (a kernel thousands wide)."""
     TN, TOW = _tile(N, OW)
-
-    def nbytes(TN, TOW):
-        return TN * (((TOW - 1) * SW + KW) | 1) * itemsize
-
+    nbytes = lambda TN, TOW: _im2col_bytes(TN, TOW, SW, KW, itemsize)
     while TOW > 1 and nbytes(TN, TOW) > SHARED_LIMIT:
         TOW = (TOW + 1) // 2
     while TN > 1 and nbytes(TN, TOW) > SHARED_LIMIT:
@@ -238,11 +248,13 @@ def _im2col_gpu(x, col, SH, SW, PH, PW):
     if tiles is None:
         launch(_im2col_kernel, col.size, x, col, SH, SW, PH, PW, grid_stride=True)
         return
-    TN, TOW, nbytes = tiles
-    blocks = _blocks(C * KH * OH * -(-OW // TOW) * -(-N // TN))
-    threads = _block_threads(max(TN * ((TOW - 1) * SW + KW), KW * TOW * TN))
+    TN, TOW, _ = tiles
+    tiles_of = lambda TOW: C * KH * OH * -(-OW // TOW) * -(-N // TN)
+    threads_of = lambda TOW: _block_threads(max(TN * ((TOW - 1) * SW + KW), KW * TOW * TN))
+    TOW = _narrowed(TOW, col.size, tiles_of, threads_of)   # the autoencoder's first conv: 84 blocks, then 336
+    blocks, threads = _blocks(tiles_of(TOW)), threads_of(TOW)
     launch(_im2col_tiled_kernel, blocks * threads, x, col, SH, SW, PH, PW, TN, TOW,
-           threads=threads, blocks=blocks, shared_bytes=nbytes)
+           threads=threads, blocks=blocks, shared_bytes=_im2col_bytes(TN, TOW, SW, KW, x.itemsize))
 
 
 def _col2im_gpu(col, gx, SH, SW, PH, PW):
@@ -251,10 +263,9 @@ def _col2im_gpu(col, gx, SH, SW, PH, PW):
         launch(_col2im_kernel, gx.size, col, gx, SH, SW, PH, PW, grid_stride=True)
         return
     TN, TW = _tile(N, W)
-    while TW > 1 and not fills(col.size, C * H * -(-W // TW) * -(-N // TN), _block_threads(TN * TW)):
-        TW = (TW + 1) // 2      # narrower tiles, more blocks (AlexNet's conv2: 84 col entries a thread, then 42)
-    blocks = _blocks(C * H * -(-W // TW) * -(-N // TN))
-    threads = _block_threads(TN * TW)
+    tiles_of = lambda TW: C * H * -(-W // TW) * -(-N // TN)
+    TW = _narrowed(TW, col.size, tiles_of, lambda TW: _block_threads(TN * TW))    # AlexNet's conv2: 84 col
+    blocks, threads = _blocks(tiles_of(TW)), _block_threads(TN * TW)              # entries a thread, then 42
     launch(_col2im_tiled_kernel, blocks * threads, col, gx, SH, SW, PH, PW, TN, TW,
            threads=threads, blocks=blocks, shared_bytes=TW * (TN | 1) * gx.itemsize)
 

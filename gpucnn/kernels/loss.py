@@ -29,7 +29,7 @@ from .. import backend
 from ..backend import cuda, gpu_device, gpu_kernel, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
 from .pool import max_wins
-from .reduce import (LARGE, MAX_PER_THREAD, MIN_BLOCKS, block_reduce, block_sum, filling_threads, grid_sums, grid_total,
+from .reduce import (LARGE, MAX_PER_THREAD, MIN_BLOCKS, block_reduce, filling_threads, grid_sums, grid_total,
                      launch_reduction, reduction_grid)
 
 # ---------------------------------------------------------------------------- label checks
@@ -74,7 +74,6 @@ def check_labels(y, num_classes: int, where: str, n: int | None = None):
 # over column chunks in other blocks, so that a large batch fills the GPU (_row_grid). Lane l of unit u is
 # thread l * units + u of its block: a unit's lanes reduce with reduce.block_reduce(width=units).
 
-_BLOCK = 128            # threads of the one block of _block_sum (gpucnn.kernels.coral's batch mean)
 _PER_LANE = 16          # columns a lane takes at least before a row gets more lanes
 _MAX_GROUP = 32
 
@@ -193,27 +192,11 @@ def _tally_kernel(value, logits, labels, acc, partials, tickets, group, weight):
 @gpu_kernel
 def _sum_kernel(values, out, partials, tickets, scale):
     """out[0] = scale * the sum of values over many blocks (reduce.grid_total): the mean of a loss's elements (MSE,
-    binary cross-entropy)."""
+    binary cross-entropy, CORAL's)."""
     t = cuda.threadIdx.x
     part = cuda.shared.array(0, dtype=partials.dtype)      # float64
     if grid_total(values, False, part, t, cuda.blockDim.x, partials, tickets) and t == 0:
         out[0] = part[0] * scale
-
-
-@gpu_kernel
-def _block_sum(values, out, n, scale):
-    """out[0] = scale * sum(values[:n]) by ONE block of _BLOCK threads (launch exactly _BLOCK threads): each thread
-    adds a strided slice in double, then the tree; a fixed order (deterministic). For small sums
-    (gpucnn.kernels.coral's batch mean); _sum_kernel spreads a large one over the GPU."""
-    t = cuda.threadIdx.x
-    partial = cuda.shared.array(_BLOCK, np.float64)
-    acc = 0.0
-    for k in range(t, n, _BLOCK):
-        acc += values[k]
-    partial[t] = acc
-    block_sum(partial, t, _BLOCK)
-    if t == 0:
-        out[0] = partial[0] * scale
 
 
 def _row_grid(n_rows: int, n_classes: int, split_columns: bool):
@@ -257,7 +240,7 @@ _sq_diff_k = ElementwiseKernel("T p, T t", "T d2", "T d = p - t; d2 = d * d", "l
 _mse_grad_k = ElementwiseKernel("T p, T t, T scale", "T g", "g = scale * (p - t)", "loss_mse_grad")
 
 
-# Binary cross-entropy, elementwise, loss and gradient in one pass (the batch mean is a _block_sum after it).
+# Binary cross-entropy, elementwise, loss and gradient in one pass (the mean is a _sum_kernel after it).
 # From logits z: max(z, 0) - z t + log1p(exp(-|z|)) never overflows; its gradient is (sigmoid(z) - t) / size.
 # From probabilities p: -(t max(log p, -100) + (1 - t) max(log(1 - p), -100)), PyTorch's clamp of the logs, and
 # gradient (p - t) / max(p (1 - p), 1e-12) / size, PyTorch's.
