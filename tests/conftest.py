@@ -4,7 +4,12 @@ Numba picks simulator or GPU once per process, so the suite runs in two processe
     python -m pytest                         # CPU tests (and -m gpu ones where a GPU is usable)
     GPUCNN_DEVICE=sim python -m pytest -m sim   # the GPU code path on Numba's CUDA simulator
 A test in the wrong process is skipped with a reason that says where it runs.
+
+tests/run_all.sh splits the sim suite over processes (``GPUCNN_TEST_SHARD=k/n``: every n-th sim test, the registry
+checks left out); each writes which ElementwiseKernels it ran to ``GPUCNN_SIM_RECORDS`` (a folder), and a last
+process runs the registry checks over all of them (tests/test_registry.py).
 """
+import json
 import os
 import subprocess
 import sys
@@ -26,11 +31,15 @@ elif not CUDA:
 
 GPU_PROBLEM = backend._cuda_problem()
 RUN_LAST = ("test_every_registered_kernel_was_exercised", "test_every_cupy_call_passes_cupys_argument_checks")
+SHARD = os.environ.get("GPUCNN_TEST_SHARD", "")
+SIM_RECORDS = os.environ.get("GPUCNN_SIM_RECORDS", "")
 
 
 def pytest_collection_modifyitems(config, items):
     # the registry checks must see every other sim test's kernels run: run them last
     items.sort(key=lambda it: it.name in RUN_LAST)
+    if SHARD and SIM:
+        _keep_shard(config, items)
     for item in items:
         sim, gpu = item.get_closest_marker("sim"), item.get_closest_marker("gpu")
         if sim and not SIM:
@@ -120,3 +129,39 @@ def assert_compiles_for_a_real_gpu(setup: str, timeout: int = 600):
     if "compile_cuda" in r.stderr and ("ImportError" in r.stderr or "AttributeError" in r.stderr):
         pytest.skip("this numba-cuda has no numba.cuda.compiler.compile_cuda")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def _keep_shard(config, items):
+    """GPUCNN_TEST_SHARD=k/n: keep every n-th sim test from the k-th (round robin: a parametrized family's slow
+    cases land in different shards); the registry checks, which must see every kernel, are left to a last run."""
+    k, n = (int(v) for v in SHARD.split("/"))
+    sim = [it for it in items if it.get_closest_marker("sim") and it.name.split("[")[0] not in RUN_LAST]
+    keep = {id(it) for it in sim[k::n]}
+    dropped = [it for it in items if id(it) not in keep]
+    items[:] = [it for it in items if id(it) in keep]
+    config.hook.pytest_deselected(items=dropped)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With GPUCNN_SIM_RECORDS (a folder) on "sim": which ElementwiseKernels this process ran through the host build
+    and each distinct call it made, for the registry checks of a later process."""
+    if SIM and SIM_RECORDS:
+        from gpucnn import elementwise
+        os.makedirs(SIM_RECORDS, exist_ok=True)
+        with open(os.path.join(SIM_RECORDS, f"sim-{os.getpid()}.json"), "w") as f:
+            json.dump({"host_runs": sorted(elementwise.HOST_RUNS),
+                       "cupy_calls": sorted(elementwise.CUPY_CALLS, key=repr)}, f)
+
+
+def recorded_sim_runs():
+    """(host runs, CuPy calls) of this process and of every process that wrote to GPUCNN_SIM_RECORDS."""
+    from gpucnn import elementwise
+    runs, calls = set(elementwise.HOST_RUNS), set(elementwise.CUPY_CALLS)
+    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # noqa: E731 (JSON lists back)
+    if SIM_RECORDS and os.path.isdir(SIM_RECORDS):
+        for name in sorted(os.listdir(SIM_RECORDS)):
+            with open(os.path.join(SIM_RECORDS, name)) as f:
+                record = json.load(f)
+            runs.update(record["host_runs"])
+            calls.update(tuples(c) for c in record["cupy_calls"])
+    return runs, calls

@@ -6,11 +6,13 @@ from gpucnn import elementwise
 
 @pytest.mark.sim
 def test_every_registered_kernel_was_exercised():
-    # conftest moves this test to the end of the sim run, after every other sim test has run.
+    # conftest moves this test to the end of the sim run, after every other sim test has run (tests/run_all.sh:
+    # to a last process, with what the shards recorded in GPUCNN_SIM_RECORDS).
     import gpucnn.kernels.activation, gpucnn.kernels.conv, gpucnn.kernels.dense, gpucnn.kernels.dropout  # noqa: F401,E401
     import gpucnn.kernels.loss, gpucnn.kernels.norm, gpucnn.kernels.optim, gpucnn.kernels.pool  # noqa: F401,E401
+    from conftest import recorded_sim_runs
     assert elementwise.KERNELS, "no ElementwiseKernel is registered"
-    missing = sorted(set(elementwise.KERNELS) - elementwise.HOST_RUNS)
+    missing = sorted(set(elementwise.KERNELS) - recorded_sim_runs()[0])
     assert not missing, f"registered but never run through the host build by a sim test: {missing}"
 
 
@@ -24,9 +26,10 @@ def test_every_cupy_call_passes_cupys_argument_checks():
     import numpy as np
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed here: its argument checks cannot run")
     from cupy_backends.cuda.api.runtime import CUDARuntimeError
-    from conftest import GPU_PROBLEM
-    calls = sorted(elementwise.CUPY_CALLS, key=repr)
-    assert calls and elementwise.HOST_RUNS <= {name for name, _, _ in calls}, "a host run was not recorded"
+    from conftest import GPU_PROBLEM, recorded_sim_runs
+    runs, calls = recorded_sim_runs()
+    calls = sorted(calls, key=repr)
+    assert calls and runs <= {name for name, _, _ in calls}, "a host run was not recorded"
     made = {}
     failures = []
     for name, specs, kwargs in calls:
