@@ -2,8 +2,9 @@
 grad-weight, the whole backward), pooling, dense layers and softmax cross-entropy.
 
 Convolutions run by each algorithm gpucnn has for their shape (the "algo" column and field): "gemm"
-(im2col + GEMM, every shape) and, for 3x3 stride-1 shapes, "winograd" (F(2x2, 3x3)). The variants of one
-pass are timed in the same rounds as one PyTorch call, whose time is the denominator of each one's ratio.
+(im2col + GEMM, every shape), "winograd" (F(2x2, 3x3)) for 3x3 stride-1 shapes, and "direct" (forward without
+im2col's matrix; backward by GEMM's passes) for kernels and strides up to 16. The variants of one pass are
+timed in the same rounds as one PyTorch call, whose time is the denominator of each one's ratio.
 On the GPU path im2col and col2im are timed alone too (passes "im2col", "col2im"), by the "tiled" and the
 "plain" kernels of conv.DATA_MOVEMENT (the "data_movement" field, shown in the "algo" column), checked
 against the CPU path's; PyTorch has no such op. The CPU conv no longer uses im2col: no such rows on "cpu".
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 
 import gpucnn  # noqa: E402
 from gpucnn import backend  # noqa: E402
-from gpucnn.kernels import conv as KC, dense as KD, loss as KL, pool as KP, winograd as KWG  # noqa: E402
+from gpucnn.kernels import conv as KC, dense as KD, loss as KL, pool as KP  # noqa: E402
 from gpucnn.kernels.activation import activation_bias_backward, bias_activation_nchw  # noqa: E402
 
 # (N, C, H, W, K, kernel, stride, pad), the shapes of issue 6 (AlexNet's are gpucnn's, one tower)
@@ -131,18 +132,18 @@ class Case:
 
 # ------------------------------------------------------------------------------------------ the cases
 
-def winograd_forward(x, w, b, padding):
-    """conv2d_forward by Winograd (identity activation): ``(y, saved)``, what Conv2D(algorithm="winograd")
-    runs, y (N, Cout, OH, OW) as conv2d_forward's."""
-    z, saved = KWG.winograd_gemm(x, w, padding)
+def algorithm_forward(name, x, w, b, stride, padding):
+    """conv2d_forward by the algorithm ``name`` of conv.ALGORITHMS (identity activation): ``(y, saved)``, what
+    Conv2D(algorithm=name) runs, y (N, Cout, OH, OW) as conv2d_forward's."""
+    z, saved = KC.ALGORITHMS[name].forward(x, w, stride, padding)
     return bias_activation_nchw(z, b), saved
 
 
-def winograd_backward(x_shape, saved, w, gy, padding, need_gx=True, need_gb=True, need_gw=True):
-    """conv2d_backward by Winograd: ``(gx, gw, gb)``, gy to the GEMM layout (and summed into gb) by one kernel,
-    then the adjoint of winograd_gemm."""
+def algorithm_backward(saved, w, gy, need_gx=True, need_gb=True, need_gw=True):
+    """conv2d_backward by the algorithm that made ``saved``: ``(gx, gw, gb)``, gy to the GEMM layout (and summed
+    into gb) by one kernel, then the algorithm's backward."""
     gz, gb = activation_bias_backward(gy, None, "identity", layout="gemm", need_gb=need_gb)
-    gx, gw = KWG.winograd_gemm_backward(x_shape, saved, w, gz, padding, need_gx, need_gw)
+    gx, gw = saved.algorithm.backward(saved, w, gz, need_gx, need_gw)
     return gx, gw, gb
 
 
@@ -177,11 +178,12 @@ def conv_cases(env, label, dims, movement=False):
     saved = {}
 
     def col(algo="gemm"):
-        # forward's by-product, which backward reads: im2col's matrix on the GPU path, a lighter lowering on
-        # the CPU's (Winograd's: the transformed input and filters), so one per path (--dry runs both)
+        # forward's by-product, which backward reads: im2col's matrix on the GPU path, a lighter lowering on the
+        # CPU's (another algorithm's Saved: Winograd's V and U, "direct"'s x), so one per path (--dry runs both)
         key = (algo, backend.on_gpu(x))
         if key not in saved:
-            saved[key] = (KC.conv2d_forward(x, w, b, s, p) if algo == "gemm" else winograd_forward(x, w, b, p))[1]
+            saved[key] = (KC.conv2d_forward(x, w, b, s, p) if algo == "gemm" else
+                          algorithm_forward(algo, x, w, b, s, p))[1]
         return saved[key]
 
     shape = f"{label} ({N},{Cin},{H},{W},{K},{k},{s},{p})"
@@ -193,16 +195,13 @@ def conv_cases(env, label, dims, movement=False):
         ("grad-weight", ("gw", "gb"), lambda: KC.conv2d_backward(x.shape, col(), w, gy, s, p, need_gx=False)[1:]),
         ("backward", ("gx", "gw", "gb"), lambda: KC.conv2d_backward(x.shape, col(), w, gy, s, p)),
     ]
-    winograd = []
-    if KWG.winograd_supported(k, s):
-        winograd = [
-            ("forward", ("y",), lambda: (winograd_forward(x, w, b, p)[0],)),
-            ("grad-input", ("gx",), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p, need_gw=False,
-                                                              need_gb=False)[:1]),
-            ("grad-weight", ("gw", "gb"), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p,
-                                                                    need_gx=False)[1:]),
-            ("backward", ("gx", "gw", "gb"), lambda: winograd_backward(x.shape, col("winograd"), w, gy, p)),
-        ]
+
+    def passes(algo):           # the four passes by another algorithm, in cases' order
+        return [lambda: (algorithm_forward(algo, x, w, b, s, p)[0],),
+                lambda: algorithm_backward(col(algo), w, gy, need_gw=False, need_gb=False)[:1],
+                lambda: algorithm_backward(col(algo), w, gy, need_gx=False)[1:],
+                lambda: algorithm_backward(col(algo), w, gy)]
+    others = {name: passes(name) for name, algo in KC.ALGORITHMS.items() if name != "gemm" and algo.supports(k, s)}
     theirs = dict.fromkeys(n for n, _, _ in cases)
     t = env.torch
     if t is not None:
@@ -229,10 +228,10 @@ def conv_cases(env, label, dims, movement=False):
         ref64 = {"forward": lambda: ref(None), "grad-input": lambda: ref([True, False, False]),
                  "grad-weight": lambda: ref([False, True, True]), "backward": lambda: ref([True, True, True])}
     out = []
-    for i, (n, outs, fn) in enumerate(cases):       # each pass by im2col + GEMM, then beside it by Winograd
+    for i, (n, outs, fn) in enumerate(cases):       # each pass by im2col + GEMM, then beside it by the others
         out.append(Case(shape, dims, n, outs, fn, theirs[n], {"algo": "gemm"}, ref64=ref64[n]))
-        if winograd:
-            out.append(Case(shape, dims, n, outs, winograd[i][2], theirs[n], {"algo": "winograd"}, ref64=ref64[n]))
+        for name, fns in others.items():
+            out.append(Case(shape, dims, n, outs, fns[i], theirs[n], {"algo": name}, ref64=ref64[n]))
     if movement:
         out += movement_cases(env, shape, dims, x, h["x"])
     return out
@@ -418,8 +417,8 @@ def run_cases(env, cases, precision):
 
 
 def variants(cases):
-    """The cases in runs of one pass at one shape with one PyTorch side (gemm beside winograd, tiled beside
-    plain): each run is timed together."""
+    """The cases in runs of one pass at one shape with one PyTorch side (gemm beside winograd and direct, tiled
+    beside plain): each run is timed together."""
     run = []
     for case in cases:
         if run and (case.shape, case.pass_, case.theirs) != (run[0].shape, run[0].pass_, run[0].theirs):

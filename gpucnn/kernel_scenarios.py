@@ -26,12 +26,17 @@ def _train(model, batch, opt, steps=3, clip_norm=None, loss=None, y=None):
     return x, y
 
 
-def _full(name, batch, partial=100, **kw):
-    """The runs of ``gpucnn.models.get(name, **kw)``: 3 SGD-momentum steps at ``batch``; predict, predict_proba and
-    evaluate on that batch; then 3 Adam steps with gradient clipping on a last partial batch of ``partial``."""
+def _full(name, batch, partial=100, algorithm=None, **kw):
+    """The runs of ``gpucnn.models.get(name, **kw)`` (every Conv2D switched to ``algorithm`` when given): 3
+    SGD-momentum steps at ``batch``; predict, predict_proba and evaluate on that batch; then 3 Adam steps with
+    gradient clipping on a last partial batch of ``partial``."""
     def run():
-        from . import models, optim
+        from . import layers, models, optim
         model = models.get(name, seed=0, **kw)
+        if algorithm is not None:
+            for layer in model.layers:
+                if isinstance(layer, layers.Conv2D):
+                    layer.algorithm = algorithm
         x, y = _train(model, batch, optim.SGD(model, lr=0.01, momentum=0.9, weight_decay=5e-4))
         model.predict(x, batch_size=batch)
         model.predict_proba(x[:partial], batch_size=batch)
@@ -169,6 +174,8 @@ SCENARIOS = {
     "alexnet winograd, batch 128": _full("alexnet", 128, init="zeros", winograd=True),
     "alexnet_small groups=2, batch 256": _full("alexnet_small", 256, init="zeros", groups=2),
     "alexnet groups=2, batch 128": _full("alexnet", 128, init="zeros", groups=2),
+    "lenet5 direct convolutions, batch 256": _full("lenet5", 256, algorithm="direct"),
+    "lenet5 direct convolutions float64, batch 1024": _full("lenet5", 1024, algorithm="direct", dtype="float64"),
     "lenet5 fit": _fit_lenet5,
     "lenet5 plain im2col/col2im": _plain_data_movement,
     "batchnorm, avg pool, MSE, batch 256": _batchnorm_mse,

@@ -258,9 +258,10 @@ def release_since(mark_: int, keep=(), stop=None, spans=()):
 def keep_for_backward(a) -> bool:
     """The step runner's recompute policy (gpucnn.step.RECOMPUTE_ABOVE), asked by a layer about a lowered input it
     could make again from its input: True to keep ``a`` for backward; False when, in a training step on the GPU
-    path, ``a`` is larger than the policy's bytes: its life ends here, and backward must make it again."""
+    path, ``a`` is larger than the policy's bytes: its life ends here, and backward must make it again. None (an
+    algorithm that lowers nothing: "direct") is kept: there is nothing to end."""
     above = _arena.recompute_above if _arena is not None else None
-    if above is None or not on_gpu(a) or a.nbytes <= above:
+    if a is None or above is None or not on_gpu(a) or a.nbytes <= above:
         return True
     release(a)
     return False

@@ -59,9 +59,11 @@ def test_layers_dry_run(tmp_path, torch_side):
     for label in conv_labels:
         conv = [r for r in rows if r["shape"].split()[0] == label]
         assert {r["pass"] for r in conv if r.get("algo") == "gemm"} == passes
-        # Winograd beside im2col + GEMM exactly where it computes the shape: 3x3 kernels with stride 1
+        # Winograd beside im2col + GEMM exactly where it computes the shape: 3x3 kernels with stride 1; the direct
+        # convolution at every dry shape (kernels and strides up to 16)
         winograd = {r["pass"] for r in conv if r.get("algo") == "winograd"}
         assert winograd == (passes if label in ("dry.pad", "dry.odd") else set()), (label, winograd)
+        assert {r["pass"] for r in conv if r.get("algo") == "direct"} == passes, label
         # the data movement alone, by both kernels (the GPU path: sim here)
         moves = {(r["pass"], r["data_movement"]) for r in conv if "data_movement" in r}
         assert moves == {(p, m) for p in ("im2col", "col2im") for m in ("tiled", "plain")}, (label, moves)

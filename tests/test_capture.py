@@ -308,8 +308,17 @@ def _adam(model):
     return optim.Adam(model, lr=0.01, weight_decay=1e-4)
 
 
+def _lenet5_direct():
+    """LeNet-5 with both convolutions by the direct algorithm (gpucnn.kernels.direct)."""
+    model = models.lenet5(seed=0)
+    for layer in model.layers[0], model.layers[3]:
+        layer.algorithm = "direct"
+    return model
+
+
 NETS = {    # name -> (model, optimizer, clip_norm, batch shapes in step order)
     "lenet5 sgd": (lambda: models.lenet5(seed=0), _sgd, None, "aabbab"),
+    "lenet5 direct sgd": (_lenet5_direct, _sgd, None, "aaa"),
     "lenet5 adam clipped": (lambda: models.lenet5(seed=0), _adam, 0.5, "aabbab"),
     "alexnet_small sgd": (lambda: models.alexnet_small(input_size=8, seed=0), _sgd, None, "aaa"),
     "dropout adam": (_dropout_net, _adam, None, "aabbab"),

@@ -166,7 +166,7 @@ def _upsampling_net(seed, dtype="float64", algorithm="gemm"):
         L.MaxPool2D(2), L.Flatten(), L.Dense(2 * 3 * 4, 3, dtype=dtype, rng=r)], input_shape=(1, 7, 9))
 
 
-@pytest.mark.parametrize("algorithm", ["gemm", "winograd"])
+@pytest.mark.parametrize("algorithm", ["gemm", "winograd", "direct"])
 def test_trains_as_pytorch_and_is_not_fused(algorithm, rng):
     model = _upsampling_net(int(rng.integers(2 ** 31)), algorithm=algorithm)
     assert model.output_shape == (3,)
@@ -220,7 +220,7 @@ def test_sim_layer_matches_cpu(case, need_gx, rng):
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("algorithm", ["gemm", "winograd"])
+@pytest.mark.parametrize("algorithm", ["gemm", "winograd", "direct"])
 @pytest.mark.parametrize("net,shape,classes", [(_upsampling_net, (2, 1, 7, 9), 3), (_grouped_net, (2, 2, 8, 10), 5)])
 def test_sim_train_steps_match_cpu(net, shape, classes, algorithm, rng):
     seed = int(rng.integers(2 ** 31))

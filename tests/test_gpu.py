@@ -111,6 +111,8 @@ def test_gpu_is_used(record_property):
 LENET_LAYERS = {
     "conv1": (lambda dt: L.Conv2D(1, 6, 5, padding=2, dtype=dt), (64, 1, 28, 28)),
     "conv2": (lambda dt: L.Conv2D(6, 16, 5, dtype=dt), (64, 6, 14, 14)),
+    "conv1 direct": (lambda dt: L.Conv2D(1, 6, 5, padding=2, dtype=dt, algorithm="direct"), (64, 1, 28, 28)),
+    "conv2 direct": (lambda dt: L.Conv2D(6, 16, 5, dtype=dt, algorithm="direct"), (64, 6, 14, 14)),
     "avgpool1": (lambda dt: L.AvgPool2D(2), (64, 6, 28, 28)),
     "avgpool2": (lambda dt: L.AvgPool2D(2), (64, 16, 10, 10)),
     "maxpool2": (lambda dt: L.MaxPool2D(2), (64, 16, 10, 10)),

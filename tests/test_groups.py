@@ -70,7 +70,7 @@ def test_against_torch(case, dtype, rng):
         assert_close(layer.grads["bias"], tgb, dtype, "gb")
 
 
-@pytest.mark.parametrize("algorithm", ["gemm", "winograd"])
+@pytest.mark.parametrize("algorithm", ["gemm", "winograd", "direct"])
 def test_a_grouped_convolution_is_one_convolution_per_group(algorithm, rng):
     G, Cg, Cog = 3, 2, 2
     layer = L.Conv2D(G * Cg, G * Cog, 3, padding=1, groups=G, dtype="float64", rng=rng, algorithm=algorithm)
@@ -145,7 +145,7 @@ def _grouped_net(seed, dtype="float64", algorithm="gemm"):
         L.Flatten(), L.Dense(6 * 4 * 3, 5, dtype=dtype, rng=r)], input_shape=(2, 8, 10))
 
 
-@pytest.mark.parametrize("algorithm", ["gemm", "winograd"])
+@pytest.mark.parametrize("algorithm", ["gemm", "winograd", "direct"])
 def test_grouped_net_trains_as_pytorch(algorithm, rng):
     x = rng.standard_normal((3, 2, 8, 10))
     y = rng.integers(0, 5, 3)

@@ -45,14 +45,15 @@ def test_sim_quick_passes_and_covers_every_op_family():
     assert r.returncode == 0, r.stdout + r.stderr
     table = rows(r.stdout)
     assert not [n for n, s in table.items() if s == "FAIL"], r.stdout
-    # every kernel family of gpucnn/kernels has rows (reduce.py is the block sum the others share; Winograd and
-    # MEC are conv algorithms; activations.py is the activation family's table of records), in both dtypes
+    # every kernel family of gpucnn/kernels has rows (reduce.py is the block sum the others share; Winograd, the
+    # direct convolution and MEC are conv algorithms; activations.py is the activation family's table of records),
+    # in both dtypes
     families = {p.stem for p in (REPO / "gpucnn" / "kernels").glob("*.py")} - {"__init__", "reduce", "winograd",
-                                                                               "mec", "activations"}
+                                                                               "direct", "mec", "activations"}
     for fam in sorted(families):
         for dt in ("f32", "f64"):
             assert any(n.startswith(f"{fam}:") and n.endswith(dt) for n in table), f"no {fam} {dt} row:\n{r.stdout}"
-    for what in ("winograd", "gemm", "11x11/4", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "MaxPool2D", "AvgPool2D",
+    for what in ("winograd", "gemm", "direct", "11x11/4", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "MaxPool2D", "AvgPool2D",
                  "LocalResponseNorm", "BatchNorm2D training", "BatchNorm2D eval", "Dropout", "SoftmaxCrossEntropy",
                  "MSE", "SGD momentum", "Adam", "clip_grad_norm", "groups 2 gemm", "groups 2 winograd", "convT:",
                  "CoralHead", "BCE(logits)", "BCE(probabilities)"):

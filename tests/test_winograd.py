@@ -287,7 +287,8 @@ def test_conv2d_algorithm_errors_and_checkpoint(tmp_path, rng):
         L.Conv2D(1, 2, 5, algorithm="winograd")
     with pytest.raises(ValueError, match=r"Conv2D: algorithm 'winograd' .* a 3x3 kernel with stride \(2, 2\)"):
         L.Conv2D(1, 2, 3, stride=2, algorithm="winograd")
-    with pytest.raises(ValueError, match=r"Conv2D: algorithm must be one of \('gemm', 'winograd'\), got 'fft'"):
+    with pytest.raises(ValueError, match=r"Conv2D: algorithm must be one of \('gemm', 'winograd', 'direct'\), "
+                                         r"got 'fft'"):
         L.Conv2D(1, 2, 3, algorithm="fft")
     layer = L.Conv2D(1, 2, 3)
     layer.algorithm = "fast"            # changed between steps: checked at the next forward

@@ -5,10 +5,10 @@ convolution algorithm is.
 
 (grouped, G groups: output o reads only its group's C/G channels, w being (Cout, C/G, KH, KW)).
 
-An algorithm is one object (ALGORITHMS, at the end: "gemm" here, "winograd" in winograd.py): ``supports``,
-``lower`` (the input as its products read it), ``forward`` (z and a Saved, what backward reads),
-``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin, each for any number
-of groups; ``grad_input`` alone is a transposed convolution's forward (gpucnn.layers.ConvTranspose2D). z is
+An algorithm is one object (ALGORITHMS, at the end: "gemm" here, "winograd" in winograd.py, "direct" in
+direct.py): ``supports``, ``lower`` (the input as its products read it), ``forward`` (z and a Saved, what backward
+reads), ``grad_weight``, ``grad_input`` and ``backward``, each with its GPU code and its CPU twin, each for any
+number of groups; ``grad_input`` alone is a transposed convolution's forward (gpucnn.layers.ConvTranspose2D). z is
 left in the GEMM layout (Cout, OH, OW, N), the batch innermost: the epilogues of :mod:`gpucnn.kernels.activation`
 add the bias and apply the activation (and the pooling that follows) writing NCHW as they go, and their backward
 twins write dL/dz back in this layout while they sum the bias gradient.
@@ -485,8 +485,9 @@ def _bias_grad(gy2):
 
 
 # ---------------------------------------------------------------------------------------- the registry
-# name -> algorithm (Conv2D's ``algorithm=``). winograd.py builds on Saved and adds "winograd" as it is imported,
-# which the import below makes sure of whichever of the two modules is imported first.
+# name -> algorithm (Conv2D's ``algorithm=``). winograd.py and direct.py build on Saved and add "winograd" and
+# "direct" as they are imported, which the imports below make sure of whichever module is imported first.
 GEMM = Im2colGemm()
 ALGORITHMS = {"gemm": GEMM}
 from . import winograd  # noqa: E402,F401
+from . import direct  # noqa: E402,F401

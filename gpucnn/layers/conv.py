@@ -152,10 +152,12 @@ class Conv2D(ConvLayer):
     channels g*C/G .. (g+1)*C/G make output channels g*Cout/G .. (g+1)*Cout/G; G times fewer weights and
     multiply-adds. Both channel counts must be multiples of G; the same result as PyTorch's ``groups``.
 
-    ``algorithm``: "gemm" (im2col + GEMM, any shape) or "winograd" (F(2x2, 3x3): 3x3 kernels with stride 1
-    only; 4 multiplications per output and channel instead of 9, see gpucnn.kernels.winograd). Both give the
-    same result within float rounding; the attribute may be changed between steps. Each is an object of
-    gpucnn.kernels.conv.ALGORITHMS, which forward and backward call.
+    ``algorithm``: "gemm" (im2col + GEMM, any shape), "winograd" (F(2x2, 3x3): 3x3 kernels with stride 1
+    only; 4 multiplications per output and channel instead of 9, see gpucnn.kernels.winograd) or "direct" (forward
+    straight from the input, no im2col matrix: kernels and strides up to 16, for small-channel layers such as
+    LeNet's; backward by im2col + GEMM, see gpucnn.kernels.direct). All give the same result within float
+    rounding; the attribute may be changed between steps. Each is an object of gpucnn.kernels.conv.ALGORITHMS,
+    which forward and backward call.
     """
 
     @property

@@ -64,8 +64,8 @@ def sizes(device: str, quick: bool) -> dict:
     if device == "cuda":
         n, na = (16, 2) if quick else (64, 8)
         return dict(
-            conv=[("LeNet c1 5x5 pad 2", (1, 6, 5, 1, 2), (n, 1, 28, 28), ("gemm",)),
-                  ("LeNet c3 5x5", (6, 16, 5, 1, 0), (n, 6, 14, 14), ("gemm",)),
+            conv=[("LeNet c1 5x5 pad 2", (1, 6, 5, 1, 2), (n, 1, 28, 28), ("gemm", "direct")),
+                  ("LeNet c3 5x5", (6, 16, 5, 1, 0), (n, 6, 14, 14), ("gemm", "direct")),
                   ("AlexNet 3x3 pad 1", (192, 384, 3, 1, 1), (na, 192, 13, 13), ("gemm", "winograd")),
                   ("AlexNet c1 11x11/4 pad 2", (3, 96, 11, 4, 2), (na, 3, 224, 224), ("gemm",)),
                   ("AlexNet c2 groups 2", (96, 256, 5, 1, 2, 2), (na, 96, 27, 27), ("gemm",)),
@@ -83,8 +83,8 @@ def sizes(device: str, quick: bool) -> dict:
             lenet_batch=n, alex=("alexnet_small(in_channels=3, input_size=32)", _alexnet_small, (16, 3, 32, 32)),
             train_steps=4 if quick else 6, timing_steps=5 if quick else 20)
     return dict(
-        conv=[("LeNet c1 5x5 pad 2", (1, 6, 5, 1, 2), (1, 1, 8, 8), ("gemm",)),
-              ("LeNet c3 5x5", (6, 16, 5, 1, 0), (1, 6, 7, 7), ("gemm",)),
+        conv=[("LeNet c1 5x5 pad 2", (1, 6, 5, 1, 2), (1, 1, 8, 8), ("gemm", "direct")),
+              ("LeNet c3 5x5", (6, 16, 5, 1, 0), (1, 6, 7, 7), ("gemm", "direct")),
               ("AlexNet-like 3x3 pad 1", (4, 6, 3, 1, 1), (2, 4, 6, 6), ("gemm", "winograd")),
               ("AlexNet-like 11x11/4 pad 2", (3, 4, 11, 4, 2), (1, 3, 15, 15), ("gemm",)),
               ("3x3 pad 1 groups 2", (4, 6, 3, 1, 1, 2), (2, 4, 6, 6), ("gemm", "winograd"))],
