@@ -6,7 +6,7 @@ blob's area proportional to its parameters:
 
 * LeNet-5 as in the paper (tanh, average pooling) and with ReLU and max pooling;
 * AlexNet-small with one tower and with two (groups=2: see two_towers.py);
-* a convolutional autoencoder's encoder (examples/conv_autoencoder.py's ``encoder_layers``) with a linear
+* a convolutional autoencoder's encoder (gpucnn.models.conv_encoder_layers, as examples/conv_autoencoder.py) with a linear
   probe: the autoencoder is trained on reconstruction only (no labels), its encoder frozen, and a
   Flatten + Dense(392, 10) trained on the encoder's features. Its accuracy says how much of the classes an
   unsupervised code keeps; its operations are the encoder's and the probe's.
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from conv_autoencoder import decoder_layers, encoder_layers
 from gpucnn import backend, layers, losses, models, optim, viz
 from gpucnn.data import ArrayDataset
 from gpucnn.model import Sequential
@@ -105,7 +104,7 @@ def classifier(key, init="default"):
     backend.seed(0)
     if key == "ae_probe":
         rng = np.random.default_rng(0)
-        return Sequential(encoder_layers(rng) + [layers.Flatten(), layers.Dense(8 * 7 * 7, 10, rng=rng)],
+        return Sequential(models.conv_encoder_layers(rng) + [layers.Flatten(), layers.Dense(8 * 7 * 7, 10, rng=rng)],
                           input_shape=(1, 28, 28))
     return NETS[key][1](seed=0, init=init)
 
@@ -138,8 +137,8 @@ def train_probe(train, test, epochs, batch):
     (the classifier: encoder + probe, test accuracy, how obtained)."""
     backend.seed(0)
     rng = np.random.default_rng(0)
-    encoder = encoder_layers(rng)
-    ae = Sequential(encoder + decoder_layers(rng), input_shape=(1, 28, 28))
+    ae = models.conv_autoencoder(seed=rng)            # its first 6 layers are the encoder
+    encoder = ae.layers[:6]
     print(f"\nautoencoder: {ae.num_params():,} parameters, training {steps_of(len(train), epochs, batch)} on "
           f"reconstruction (binary cross-entropy from logits), Adam lr {LR}, no labels")
     pixels = ArrayDataset(unit_images(train), train.labels, train.num_classes)

@@ -51,20 +51,6 @@ ROWS = ("fixed attribute classifier accuracy", "attribute classifier trained ane
 COLUMNS = ("original", "reconstructed", "perturbed")
 
 
-def encoder_layers(rng=None):
-    """1x28x28 -> 16x14x14 -> 32x7x7 -> 8x7x7: the 392-number code (``rng``: reproducible initial weights)."""
-    return [L.Conv2D(1, 16, 3, stride=2, padding=1, rng=rng), L.ReLU(),
-            L.Conv2D(16, 32, 3, stride=2, padding=1, rng=rng), L.ReLU(),
-            L.Conv2D(32, 8, 3, padding=1, rng=rng), L.ReLU()]
-
-
-def decoder_layers(rng=None):
-    """8x7x7 -> 32x7x7 -> 16x14x14 -> 1x28x28 logits: the encoder's shapes backwards, by transposed convolutions."""
-    return [L.ConvTranspose2D(8, 32, 3, padding=1, rng=rng), L.ReLU(),
-            L.ConvTranspose2D(32, 16, 3, stride=2, padding=1, output_padding=1, rng=rng), L.ReLU(),
-            L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, rng=rng)]
-
-
 def options(parser):
     parser.add_argument("--limit", type=int, default=None,
                         help="training images for every network (default 20000; 3000 with --quick)")
@@ -100,9 +86,8 @@ def reconstruct(ae, images):
 def train_autoencoder(args, train, test_images, epochs):
     """Part 1: the autoencoder trained by train_step (images as their own targets); per-step losses, the test
     BCE before training and after each epoch."""
-    rng = np.random.default_rng(0)
-    encoder = Sequential(encoder_layers(rng), input_shape=train.shape)
-    ae = Sequential(encoder.layers + decoder_layers(rng), input_shape=train.shape)
+    ae = models.conv_autoencoder(seed=0)              # encoder (its first 6 layers), then decoder
+    encoder = Sequential(ae.layers[:6], input_shape=train.shape)
     ae.summary()
     code = encoder.output_shape
     print(f"bottleneck: {code[0]}x{code[1]}x{code[2]} = {int(np.prod(code))} numbers of "

@@ -113,13 +113,7 @@ def _conv_autoencoder():
     from .losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
     from .model import Sequential
     r = np.random.default_rng(0)
-    ae = Sequential([L.Conv2D(1, 16, 3, stride=2, padding=1, rng=r), L.ReLU(),
-                     L.Conv2D(16, 32, 3, stride=2, padding=1, rng=r), L.ReLU(),
-                     L.Conv2D(32, 8, 3, padding=1, rng=r), L.ReLU(),
-                     L.ConvTranspose2D(8, 32, 3, padding=1, rng=r), L.ReLU(),
-                     L.ConvTranspose2D(32, 16, 3, stride=2, padding=1, output_padding=1, rng=r), L.ReLU(),
-                     L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, rng=r)],
-                    input_shape=(1, 28, 28))
+    ae = models.conv_autoencoder(seed=r)
     images = r.uniform(0, 1, (300, 1, 28, 28)).astype(np.float32)
     bce, opt = BinaryCrossEntropy(from_logits=True), optim.Adam(ae, lr=2e-3)
     xb = images[:64]

@@ -1,4 +1,5 @@
-"""The classic networks, built from gpucnn's layers: LeNet-5 and AlexNet (full size, and small for 28/32 px).
+"""The classic networks, built from gpucnn's layers: LeNet-5 and AlexNet (full size, and small for 28/32 px), and
+the lecture's convolutional autoencoder.
 
     model = gc.models.lenet5()                   # 1x28x28 -> 10 classes, 61,706 parameters
     model = gc.models.get("alexnet_small", in_channels=3, input_size=32)
@@ -16,7 +17,8 @@ import numpy as np
 from . import layers as L
 from .model import Sequential
 
-__all__ = ["lenet5", "alexnet", "alexnet_small", "get", "use_winograd", "MODELS"]
+__all__ = ["lenet5", "alexnet", "alexnet_small", "conv_autoencoder", "conv_encoder_layers", "conv_decoder_layers",
+           "get", "use_winograd", "MODELS"]
 
 
 def _rng(seed):
@@ -103,6 +105,34 @@ def alexnet_small(in_channels: int = 1, num_classes: int = 10, input_size: int =
     return use_winograd(model) if winograd else model
 
 
+def conv_encoder_layers(seed=None, dtype="float32", init="default") -> list:
+    """The autoencoder's encoder as layers: 1x28x28 -> 16x14x14 -> 32x7x7 -> 8x7x7, a code of 392 numbers (half the
+    784 pixels); three Conv2D (3x3; stride 2, 2, 1) each with ReLU. ``seed`` may be a Generator, drawn in order."""
+    rng, init = _rng(seed), _init(init, dtype)
+    return [L.Conv2D(1, 16, 3, stride=2, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+            L.Conv2D(16, 32, 3, stride=2, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+            L.Conv2D(32, 8, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU()]
+
+
+def conv_decoder_layers(seed=None, dtype="float32", init="default") -> list:
+    """The autoencoder's decoder as layers: 8x7x7 -> 32x7x7 -> 16x14x14 -> 1x28x28 logits, the encoder's shapes
+    backwards by three ConvTranspose2D (stride 2 with output_padding 1 to double a side), ReLU between them."""
+    rng, init = _rng(seed), _init(init, dtype)
+    return [L.ConvTranspose2D(8, 32, 3, padding=1, dtype=dtype, rng=rng, init=init), L.ReLU(),
+            L.ConvTranspose2D(32, 16, 3, stride=2, padding=1, output_padding=1, dtype=dtype, rng=rng, init=init),
+            L.ReLU(),
+            L.ConvTranspose2D(16, 1, 3, stride=2, padding=1, output_padding=1, dtype=dtype, rng=rng, init=init)]
+
+
+def conv_autoencoder(dtype="float32", seed=None, init="default") -> Sequential:
+    """The convolutional autoencoder of the lecture's semi-adversarial network, for 1x28x28 images in [0, 1]: the
+    encoder (:func:`conv_encoder_layers`, its first 6 layers) then the decoder; 14,217 parameters. It outputs
+    logits: train it with ``losses.BinaryCrossEntropy()`` against the images themselves (examples/conv_autoencoder.py)."""
+    rng = _rng(seed)                # one generator for both halves (None: gpucnn's default)
+    return Sequential(conv_encoder_layers(rng, dtype, init) + conv_decoder_layers(rng, dtype, init),
+                      input_shape=(1, 28, 28))
+
+
 def use_winograd(model: Sequential, on: bool = True) -> Sequential:
     """Every Conv2D and ConvTranspose2D of ``model`` that Winograd F(2x2, 3x3) can compute (3x3, stride 1)
     switched to it (or back to im2col + GEMM with ``on=False``); other convolutions keep "gemm". Returns the model."""
@@ -112,6 +142,7 @@ def use_winograd(model: Sequential, on: bool = True) -> Sequential:
     return model
 
 
+# the classifiers, by name (``gpucnn train --model``); conv_autoencoder, trained on images not labels, is not one
 MODELS = {"lenet5": lenet5, "alexnet": alexnet, "alexnet_small": alexnet_small}
 
 

@@ -237,15 +237,15 @@ def _example_module(name):
 
 
 def test_conv_autoencoder_shapes_and_saved_model(run):
+    from gpucnn import models
     from gpucnn.model import Sequential
-    ca = _example_module("conv_autoencoder")
-    encoder = Sequential(ca.encoder_layers(np.random.default_rng(5)), input_shape=(1, 28, 28))
+    encoder = Sequential(models.conv_encoder_layers(5), input_shape=(1, 28, 28))
     assert encoder.output_shape == (8, 7, 7)
-    assert Sequential(ca.decoder_layers(), input_shape=(8, 7, 7)).output_shape == (1, 28, 28)
+    assert Sequential(models.conv_decoder_layers(), input_shape=(8, 7, 7)).output_shape == (1, 28, 28)
     stdout, out = run("conv_autoencoder")
     lines(stdout, r"^bottleneck: 8x7x7 = 392 numbers of 784 pixels$")
     model = Sequential.load(str(out / "autoencoder.npz"))
-    made = ca.encoder_layers() + ca.decoder_layers()
+    made = models.conv_autoencoder(seed=0).layers
     assert [type(l).__name__ for l in model.layers] == [type(l).__name__ for l in made]
     assert model.num_params() == 14217
 

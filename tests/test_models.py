@@ -78,6 +78,23 @@ def test_alexnet_small(size, channels, flat, rng):
     assert model.predict(x).shape == (2, 10)
 
 
+def test_conv_autoencoder(rng):
+    """Encoder 1x28x28 -> 8x7x7 (its first 6 layers), decoder back to 1x28x28 logits; the parameters by hand; one
+    generator draws both halves in order, so a seed gives the weights the separate layer lists give."""
+    model = models.conv_autoencoder(seed=3)
+    enc = (16 * 9 + 16) + (32 * 16 * 9 + 32) + (8 * 32 * 9 + 8)
+    dec = (8 * 32 * 9 + 32) + (32 * 16 * 9 + 16) + (16 * 9 + 1)
+    assert model.num_params() == enc + dec == 14_217
+    assert [s for _, s, _ in _shapes(model)][5] == (8, 7, 7) and model.output_shape == (1, 28, 28)
+    g = np.random.default_rng(3)
+    apart = models.conv_encoder_layers(g) + models.conv_decoder_layers(g)
+    for a, b in zip(model.layers, apart):
+        for k in a.params:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
+    x = rng.uniform(0, 1, (2, 1, 28, 28)).astype(np.float32)
+    assert model.predict(x).shape == (2, 1, 28, 28)
+
+
 def test_get_by_name():
     assert models.get("lenet5").num_params() == 61_706
     assert models.get("alexnet-small", input_size=32, in_channels=3, init="zeros").input_shape == (3, 32, 32)
