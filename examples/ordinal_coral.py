@@ -245,13 +245,16 @@ def picture_errors(per_rank, signed, path):
     left.set_xlabel("true rank (turn)")
     left.set_ylabel("mean |predicted rank - true rank|")
     left.set_title("MAE per true rank", fontsize=10)
+    top = max(float(np.max(np.mean(per_rank[m], axis=0) + np.std(per_rank[m], axis=0, ddof=1))) for m in METHODS)
+    left.set_ylim(0, top * 1.25)                        # room above the tallest bar for the legend
     right.set_yscale("log")
     right.set_xlabel("predicted rank - true rank")
     right.set_ylabel("fraction of test images (all seeds)")
     right.set_title("how far the mistakes go", fontsize=10)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    left.legend(fontsize=8, loc="upper center", ncols=2)
+    right.legend(fontsize=8)
     fig.savefig(path, dpi=100)
 
 
