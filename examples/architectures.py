@@ -184,7 +184,7 @@ def plot_chart(rows, path):
                     arrowprops={"arrowstyle": "-", "linewidth": 0.5})
     for n in (10_000, 100_000, 1_000_000):
         ax.scatter([], [], s=n * area, color="0.7", edgecolor="k", linewidth=0.5, label=f"{n:,} parameters")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), labelspacing=2.5, borderpad=1.5, fontsize=8,
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), labelspacing=2.5, borderpad=1.5, handletextpad=2.0, fontsize=8,
               title="blob area")
     ax.set_xscale("log")
     macs = [r["macs"] for r in rows.values()]
