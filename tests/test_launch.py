@@ -7,6 +7,7 @@ configured launch and no wrapper. Checked against ``launch.BIND = False`` (the p
 converted at every launch, and on "sim" a configuration per launch), to the bit.
 """
 import gc
+import warnings
 
 import numpy as np
 import pytest
@@ -151,3 +152,61 @@ def test_sim_from_the_third_eager_step_a_step_makes_no_wrapper_and_no_configurat
         assert a == {"configured": 0, "wrapped": 0, "converted": 2, "launches": a["launches"]}, a
     assert runs[True][1] == runs[False][1]
     np.testing.assert_array_equal(runs[True][2], runs[False][2])
+
+
+@pytest.mark.sim
+def test_sim_a_step_captured_on_its_first_planned_run_wraps_its_views_then(rng):
+    """The first run records the workspace; the second is captured as a graph (every allocation refused) and is the
+    first to run on the planned block, so its views are wrapped while capturing. The replays equal eager steps."""
+    from test_speed import tiny
+    x, y = rng.standard_normal((2, 1, 4, 4)), rng.integers(0, 3, 2)
+    runs = {}
+    for graph in (False, True):
+        model = tiny("float64", seed=3)
+        opt, loss = optim.SGD(model, lr=0.05, momentum=0.9), SoftmaxCrossEntropy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # a capture that fails warns
+            runs[graph] = [float(model.train_step(x, y, loss, opt, graph=graph)) for _ in range(4)]
+        st = next(iter(model._steps.values()))
+        assert bool(st.graph) == graph and len(_keys_in(st.arena.slab)) > 0
+    assert runs[True] == runs[False]
+
+
+def test_a_cuda_wrapper_gives_numba_the_arguments_of_the_array_it_wraps():
+    """What "cuda" passes for a bound view (launch._wrap_cuda: cuda.as_cuda_array(a, sync=False)), put through real
+    numba-cuda's argument preparation (_Kernel._prepare_args), here without a GPU: the CUDA context is faked, the
+    array is a CUDA-array-interface description of a strided view. Numba must take the wrapper as device memory
+    as it is (no copy, no write-back) with the view's pointer, shape and strides, and never sync its stream."""
+    from test_device import run_python
+    out = run_python("""
+        import contextlib, json
+        from numba import cuda
+        from numba.cuda import api, dispatcher, types
+        from numba.cuda.cudadrv import devices
+        from gpucnn import backend, launch
+
+        streams = []
+        class Context:
+            def create_external_stream(self, ptr):
+                streams.append(ptr)
+                class Stream:
+                    def synchronize(self):
+                        raise AssertionError("the wrapper synchronised the array's stream")
+                return Stream()
+        devices._runtime.ensure_context = lambda: contextlib.nullcontext()
+        api.current_context = lambda: Context()
+        backend._numba_cuda = cuda
+
+        class View:     # a float32 (3, 5) view with row stride 32 bytes, as CuPy describes one
+            __cuda_array_interface__ = {"shape": (3, 5), "strides": (32, 4), "typestr": "<f4",
+                                        "data": (0x7F00000A1000, False), "version": 3, "stream": 0x1234}
+        w = launch._wrap_cuda(None, View())
+        args, writeback = [], []
+        class Kernel:
+            extensions = []
+        dispatcher._Kernel._prepare_args(Kernel(), types.Array(types.float32, 2, "A"), w, 0, writeback, args)
+        print(json.dumps({"args": [int(a) for a in args], "writeback": len(writeback), "streams": streams}))
+    """)
+    # meminfo, parent, size, itemsize, data pointer, shape, strides: Numba's array argument, from the description
+    assert out["args"] == [0, 0, 15, 4, 0x7F00000A1000, 3, 5, 32, 4], out
+    assert out["writeback"] == 0 and out["streams"] == [0x1234], out
