@@ -1,6 +1,7 @@
 """Numba CUDA kernels: declared at import without touching numba.cuda (:func:`gpu_kernel`,
 :func:`gpu_device`), compiled at their first launch, launched on CuPy's stream through one helper
-(:func:`launch`), and counted, timed and recorded there for gpucnn.profile and the launch-resource checks."""
+(:func:`launch`: configured launches kept, views of persistent buffers passed as wrappers made once, :func:`bind`),
+and counted, timed and recorded there for gpucnn.profile and the launch-resource checks."""
 from __future__ import annotations
 
 import collections
@@ -68,7 +69,7 @@ class GPUKernel:
         self.family = fn.__module__.rsplit(".", 1)[-1]
         self._jitted = None
         self._specialised = {}      # argument types -> the specialised dispatcher ("cuda")
-        self._configured = {}       # (argument types, grid, stream, shared bytes) -> its configured launch
+        self._configured = {}       # (argument types, grid, block, shared bytes, stream) -> its configured launch
 
     def compiled(self):
         if self._jitted is None:
