@@ -310,7 +310,7 @@ from . import capture as _capture, memory as _memory  # noqa: E402  (first: the 
 from .blas import PRECISIONS, count_gemm, matmul, precision, set_precision, to_tf32  # noqa: E402,F401
 from .capture import (CaptureError, CapturedArray, D2H_IN_CAPTURE, SYNC_IN_CAPTURE,  # noqa: E402,F401
                       capture_graph, capturing, enqueue)
-from .launch import (GPUDevice, GPUKernel, LaunchError, LaunchRecord, bind_globals, cuda,  # noqa: E402,F401
+from .launch import (GPUDevice, GPUKernel, LaunchError, LaunchRecord, bind, bind_globals, cuda,  # noqa: E402,F401
                      gpu_device, gpu_kernel, launch, sim_sized, skipping_work, timed)
 from .launch import _counters, _launch_logs, _timers  # noqa: E402,F401  (lists gpucnn.profile fills)
 from .memory import (Arena, DeviceMemoryError, OutOfMemoryError, device_memory_errors,  # noqa: E402,F401

@@ -1,19 +1,23 @@
 """Numba CUDA kernels: declared at import without touching numba.cuda (:func:`gpu_kernel`,
 :func:`gpu_device`), compiled at their first launch, launched on CuPy's stream through one helper
-(:func:`launch`), and counted, timed and recorded there for gpucnn.profile and the launch-resource checks."""
+(:func:`launch`: configured launches kept, views of persistent buffers passed as wrappers made once, :func:`bind`),
+and counted, timed and recorded there for gpucnn.profile and the launch-resource checks."""
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 
 from . import backend as _backend
 from . import capture as _capture
-from .backend import DeviceError, device, is_cupy, numba_cuda_sim_active
+from . import memory as _memory
+from .backend import DeviceError, device, is_cupy, numba_cuda_sim_active, on_gpu
 
 
 class _CudaPlaceholder:
@@ -65,7 +69,7 @@ class GPUKernel:
         self.family = fn.__module__.rsplit(".", 1)[-1]
         self._jitted = None
         self._specialised = {}      # argument types -> the specialised dispatcher ("cuda")
-        self._configured = {}       # (argument types, grid, stream, shared bytes) -> its configured launch
+        self._configured = {}       # (argument types, grid, block, shared bytes, stream) -> its configured launch
 
     def compiled(self):
         if self._jitted is None:
@@ -225,8 +229,10 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
     is made once and kept, so a launch skips Numba's type dispatch and its checks; making it checks the
     block against the kernel's register budget (a clear LaunchError rather than CUDA's
     LAUNCH_OUT_OF_RESOURCES) and keeps Numba's small-grid occupancy warning to itself (the grid-fill rule is
-    checked in CI on recorded launches instead; a user's own kernels keep their warnings). On "sim" Numba's
-    simulator runs it.
+    checked in CI on recorded launches instead; a user's own kernels keep their warnings). An array that is a
+    view of a buffer declared persistent (:func:`bind`: a step's planned workspace, the flat parameters) is
+    passed as a device-array wrapper made at its first launch, so Numba no longer converts it at every launch.
+    On "sim" the same caches are kept and Numba's simulator runs the kernel.
 
     ``grid_stride``: the kernel loops ``for i in range(cuda.grid(1), n, cuda.gridsize(1))``, so any grid
     covers the n elements. On "cuda" the grid still has a thread per element (the loop runs once); on
@@ -251,36 +257,175 @@ def launch(kernel: GPUKernel, n: int, *args, threads: int = 128, blocks=None, sh
     if sim_grid:
         threads, blocks = min(threads, 32), 1
     jitted = kernel.compiled()
-    if is_cupy(args[0]) if args else False:
-        ptr = _backend._cupy.cuda.get_current_stream().ptr
-        key = (tuple(_arg_key(a) for a in args), blocks, threads, shared_bytes, ptr)
-        conf = kernel._configured.get(key)
-        if conf is None:
-            conf = kernel._configured[key] = _configure(kernel, jitted, args, blocks, threads, _numba_stream(ptr),
-                                                        shared_bytes)
+    gpu = is_cupy(args[0]) if args else False
+    stream = _capture.current_stream(args[0] if gpu else None)
+    key = (tuple(_arg_key(a) for a in args), blocks, threads, shared_bytes, stream)
+    keep = BIND or gpu                  # (before binding, "sim" configured at every launch)
+    conf = kernel._configured.get(key) if keep else None
+    if conf is None:
+        conf = (_configure if gpu else _configure_sim)(kernel, jitted, args, blocks, threads, stream, shared_bytes)
+        if keep:
+            kernel._configured[key] = conf
+        _count_host("configured")
+    args = _arguments(kernel, args, gpu)
+    if gpu:
         timed(kernel.family, kernel.name, conf, args)
     else:
-        for a in args:  # the simulator rejects non-contiguous arrays; say so plainly
-            if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
-                raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
-        args = tuple(_capture._plain(a) for a in args)
-        timed(kernel.family, kernel.name, _capture.enqueue, (lambda: _simulate(jitted[blocks, threads, 0, shared_bytes], args),))
+        timed(kernel.family, kernel.name, _capture.enqueue, (lambda: conf(*args),))
 
 
-def _simulate(configured, args):
+# ----------------------------------------------------------------------------------------------
+# arguments: a persistent buffer's views wrapped once (bind), everything else converted at each launch
+
+BIND = True     # False: no wrapper is kept and "sim" configures at every launch: the launch path before binding,
+                # what tests/test_launch.py and bench/host.py compare with
+
+_wrapped = {}   # (address, shape, strides, dtype) of a view of a bound buffer -> its device-array wrapper
+_bindings = {}  # id(owner) -> [_Bound, ...]: the buffers bind() declared persistent for that owner
+
+
+class _Bound:
+    """One persistent buffer (held, so its memory cannot go to another array while it is bound), the bytes it
+    covers, and the keys of the wrappers made for its views."""
+
+    __slots__ = ("array", "lo", "hi", "keys")
+
+    def __init__(self, array):
+        self.array = array
+        self.lo, self.hi = _memory._span(array)
+        self.keys = []
+
+    def drop(self):
+        for key in self.keys:
+            _wrapped.pop(key, None)
+        self.keys = []
+
+
+def bind(owner, *arrays):
+    """Declare ``arrays`` (device buffers: a planned workspace's block, the flat parameters, an optimizer's state)
+    persistent while ``owner`` lives, until the next ``bind(owner, ...)``: a launch that passes a view of one of
+    them passes a device-array wrapper made at its first launch and kept (on "cuda" ``cuda.as_cuda_array``, so
+    Numba no longer types and exports that argument by DLPack at every launch; on "sim" the simulator's array over
+    the same memory). Buffers bound again keep their wrappers; the others' wrappers are dropped. A wrapper holds
+    its memory, so it never points at freed memory; binding only decides which arrays get one."""
+    arrays = [a for a in arrays if a is not None and getattr(a, "size", 0) and on_gpu(a)]
+    old = _bindings.get(id(owner))
+    if old is None:
+        if not arrays:
+            return
+        weakref.finalize(owner, _unbind, id(owner))
+        old = []
+    elif len(old) == len(arrays) and all(b.array is a for b, a in zip(old, arrays)):
+        return
+    kept = {id(b.array): b for b in old}
+    new = [kept.pop(id(a), None) or _Bound(a) for a in arrays]
+    for b in kept.values():
+        b.drop()
+    _bindings[id(owner)] = new
+
+
+def _unbind(key):
+    for b in _bindings.pop(key, ()):
+        b.drop()
+
+
+def _bound_at(address):
+    """The bound buffer whose bytes include ``address``, or None."""
+    for bounds in _bindings.values():
+        for b in bounds:
+            if b.lo <= address < b.hi:
+                return b
+    return None
+
+
+def _arguments(kernel, args, gpu: bool) -> tuple:
+    """What a launch passes for ``args``: a view of a bound buffer as its wrapper (made at its first launch, then
+    found by address, shape, strides and dtype); any other array as the device converts it at every launch
+    (Numba exports a CuPy array by DLPack; the simulator copies a NumPy array in and back out)."""
+    address, wrap, plain = (_cupy_address, _wrap_cuda, _as_is) if gpu else (_memory._address, _wrap_sim, _plain_sim)
+    out = []
+    for a in args:
+        if getattr(a, "ndim", 0) == 0:
+            out.append(plain(kernel, a))
+            continue
+        w = None
+        if BIND:
+            key = (address(a), a.shape, a.strides, a.dtype)
+            w = _wrapped.get(key)
+            if w is None:
+                b = _bound_at(key[0])
+                if b is not None:
+                    w = _wrapped[key] = wrap(kernel, a)
+                    b.keys.append(key)
+                    _count_host("wrapped")
+        if w is None:
+            w = plain(kernel, a)
+            _count_host("converted")
+        out.append(w)
+    return tuple(out)
+
+
+def _count_host(kind):
+    for c in _counters:
+        c.count_host(kind)
+
+
+def _as_is(kernel, a):
+    return a
+
+
+def _cupy_address(a):
+    return a.data.ptr
+
+
+def _wrap_cuda(kernel, a):
+    # sync=False: no wait on the stream the array names (our kernels run on CuPy's current stream). It allocates
+    # nothing and calls no CUDA API that a graph capture refuses.
+    return _backend._numba_cuda.as_cuda_array(a, sync=False)
+
+
+def _plain_sim(kernel, a):
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:     # the simulator rejects them; say so plainly
+        raise ValueError(f"{kernel!r}: arrays passed to GPU kernels must be C-contiguous")
+    return _capture._plain(a)
+
+
+_FakeCUDAArray = None
+
+
+def _wrap_sim(kernel, a):
+    """The simulator's device array over ``a``'s own memory (an unbound argument is copied in and out instead)."""
+    global _FakeCUDAArray
+    if _FakeCUDAArray is None:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
+    return _FakeCUDAArray(_plain_sim(kernel, a))
+
+
+# ----------------------------------------------------------------------------------------------
+# configured launches: made once per kernel, argument types, grid, block, stream and shared memory
+
+
+def _simulate(jitted, config, *args):
     # The simulator runs each CUDA thread as a Python thread and polls them; with Python's default
     # 5 ms GIL switch interval every syncthreads costs milliseconds. A short interval, while it runs,
     # makes the sim suite several times faster and changes nothing else.
     old = sys.getswitchinterval()
     sys.setswitchinterval(_SIM_SWITCH_INTERVAL)
     try:
-        configured(*args)
+        jitted[config](*args)
     finally:
         sys.setswitchinterval(old)
 
 
+def _configure_sim(kernel, jitted, args, blocks, threads, stream, shared_bytes):
+    """"sim"'s configured launch. The simulator's kernel holds one configuration at a time, so each call sets it
+    (attribute writes, no checks) and runs the kernel."""
+    return functools.partial(_simulate, jitted, (blocks, threads, 0, shared_bytes))
+
+
 def _configure(kernel, jitted, args, blocks, threads, stream, shared_bytes):
-    """The configured launch of ``kernel`` for these argument types and this grid ("cuda"), checked once."""
+    """The configured launch of ``kernel`` for these argument types and this grid on CuPy's stream ``stream``
+    ("cuda"), checked once."""
     tkey = tuple(_arg_key(a) for a in args)
     spec = kernel._specialised.get(tkey)
     if spec is None:
@@ -295,4 +440,4 @@ def _configure(kernel, jitted, args, blocks, threads, stream, shared_bytes):
         # Numba warns of grids under 128 blocks at every configuration; gpucnn's launches are checked by the
         # grid-fill rule in CI instead. Only this configuration is silenced: users' kernels keep the warning.
         warnings.simplefilter("ignore", NumbaPerformanceWarning)
-        return spec[blocks, threads, stream, shared_bytes]
+        return spec[blocks, threads, _numba_stream(stream), shared_bytes]

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import capture as _capture
 from .backend import _allocating, is_cupy, on_gpu, xp
-from .launch import skipping_work
+from .launch import bind, skipping_work
 
 SIM_DEVICE_MEMORY = None    # bytes: on "sim" a larger allocation fails as on a GPU with that much free (tests)
 
@@ -69,7 +69,8 @@ class Arena:
     than the sum of everything it asked for. Planned only for the GPU path (CuPy arrays, or NumPy under
     "sim"), where the step's code path is fixed. A run that asks for something else drops the plan, and the
     next run records anew on separate buffers: :meth:`release` finds a buffer by its address, which names
-    one buffer only while no two share memory.
+    one buffer only while no two share memory. The planned block is bound (gpucnn.launch.bind: a kernel launched
+    on one of its views gets a wrapper made once) until the plan is dropped or the arena freed.
     """
 
     ALIGN = 256                 # bytes: every planned buffer starts on a 256-byte boundary (cudaMalloc's)
@@ -109,6 +110,7 @@ class Arena:
             if not self.recording:              # another code path than the one planned: record it anew
                 self.recording = True
                 self._dropped = self.slab is not None
+                bind(self)                      # launches keep no wrapper of the plan's views any more
         if self.recording:
             del self.spans[k:]
             self.spans.append([self.clock, None])
@@ -145,6 +147,7 @@ class Arena:
         """After a run: lay the recorded buffers out by lifetime (once per recording)."""
         if self._dropped:                       # recorded among the plan's views: start again on separate buffers
             self.buffers, self.spans, self.slab, self._dropped = [], [], None, False
+            bind(self)
             return
         if not self.PLAN or not self.recording or self.cursor != len(self.buffers) or not self.buffers:
             return
@@ -161,6 +164,7 @@ class Arena:
                         for a, o, n in zip(self.buffers, offsets, sizes)]
         self.slab = slab
         self.recording = False
+        bind(self, slab)        # its views are the same every run: launches wrap each once (gpucnn.launch.bind)
 
     @property
     def nbytes(self) -> int:

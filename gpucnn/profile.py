@@ -5,6 +5,8 @@
     print(p)                 # a table: family, Numba launches, CuPy launches, cuBLAS calls, bytes allocated
     p.launches               # total kernel launches (each cuBLAS call counts as one)
     p.bytes_allocated        # 0 from a step's second run on: its workspace supplies every buffer
+    p.host                   # the host's work per Numba launch: configured launches and argument wrappers
+                             # made, arguments converted (0 wrappers and configurations from a step's third run)
 
     with gpucnn.profile(timing=True) as p:   # and the time of every launch: GPU time on "cuda"
         model.train_step(x, y, loss, optimizer)
@@ -29,9 +31,13 @@ class Profile:
     """Launch and allocation counts, per op family."""
 
     KINDS = ("numba", "cupy", "cublas")
+    # what the host makes or converts for a Numba launch (gpucnn.launch): a configured launch (per kernel, argument
+    # types, grid, stream, shared memory), a wrapper for a view of a bound buffer, an argument converted at launch
+    HOST = ("configured", "wrapped", "converted")
 
     def __init__(self, timing: bool = False):
         self.counts = defaultdict(lambda: dict.fromkeys(self.KINDS + ("bytes", "allocs"), 0))
+        self.host = dict.fromkeys(self.HOST, 0)
         self.timing = timing
         self._marks = []            # (family, kernel, start, end): CUDA events or host clock readings
         self.times = {}             # (family, kernel) -> [milliseconds per launch], once the block ends
@@ -66,6 +72,9 @@ class Profile:
     def count_launch(self, family: str, kind: str):
         self.counts[family][kind] += 1
 
+    def count_host(self, kind: str):
+        self.host[kind] += 1
+
     def count_alloc(self, family: str, nbytes: int):
         self.counts[family]["bytes"] += int(nbytes)
         self.counts[family]["allocs"] += 1
@@ -92,6 +101,9 @@ class Profile:
                         + (f" {fam_ms.get(f, 0.0):.3f} |" if timed else ""))
         rows.append(f"| **total** | | | | **{self.launches}** | | **{self.bytes_allocated:,}** |"
                     + (f" **{self.milliseconds:.3f}** |" if timed else ""))
+        h = self.host
+        rows.append(f"\nNumba launches' host work: {h['configured']} configured launches made, {h['wrapped']} "
+                    f"argument wrappers made, {h['converted']} array arguments converted at launch")
         if timed and self.times:
             rows += ["", "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
             total = max(self.milliseconds, 1e-12)

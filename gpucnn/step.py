@@ -127,6 +127,7 @@ def train_step(model, x, y, loss, optimizer, clip_norm=None, graph=None):
         if _graph_ready(model, st, x, y, loss, optimizer, clip_norm, graph):
             return _replay(model, st, x, y, loss, optimizer)
         stages = model.stages
+        backend.bind(model, *_persistent(model, optimizer))    # launches wrap their views once (gpucnn.launch.bind)
         with memory.workspace(st.arena, recompute_above=RECOMPUTE_ABOVE):
             life = _Lifetimes(model, stages, x, y, optimizer)
             h = x
@@ -324,15 +325,20 @@ def _graph_ready(model, st, x, y, loss, optimizer, clip_norm, graph) -> bool:
     return bool(st.graph)
 
 
-def _fingerprint(model, optimizer):
-    """The identity of every persistent array a captured step reads or writes besides its workspace, and the
-    layers' algorithms (and fusion) its kernels were captured for."""
+def _persistent(model, optimizer) -> list:
+    """Every persistent array a step reads or writes besides its workspace (None for what is not there yet)."""
     flat = model.flat
     arrays = [flat.param, flat.grad, *getattr(optimizer, "flat_state", {}).values(),
               getattr(optimizer, "_hyper_buf", None)]
     arrays += [getattr(layer, "_keys", None) for layer in model.layers]
-    arrays += [a for layer in model.layers for a in layer.buffers.values()]
-    return tuple(id(a) for a in arrays) + (model.fuse, *(getattr(layer, "algorithm", None) for layer in model.layers))
+    return arrays + [a for layer in model.layers for a in layer.buffers.values()]
+
+
+def _fingerprint(model, optimizer):
+    """The identity of every persistent array a captured step reads or writes besides its workspace, and the
+    layers' algorithms (and fusion) its kernels were captured for."""
+    return (tuple(id(a) for a in _persistent(model, optimizer))
+            + (model.fuse, *(getattr(layer, "algorithm", None) for layer in model.layers)))
 
 
 def _host_counters(model, loss, optimizer):

@@ -134,6 +134,29 @@ def test_memory_prediction(tmp_path):
     assert rows[("lenet5", 1024)]["launches"] == 30
 
 
+def test_host_cost_per_launch_counts(tmp_path):
+    """bench/host.py on "sim" (threads not simulated): LeNet-5's eager steps count their host work per launch with
+    launch arguments converted (the path before binding) and bound. Times are printed, never asserted."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "host.py"), "--batch", "4", "--repeats", "2", "--out",
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (path,) = glob.glob(os.path.join(str(tmp_path), "sim-*.json"))
+    with open(path) as f:
+        (run,) = json.load(f)["host"]
+    before, after = run["rows"]
+    assert not before["bound"] and after["bound"]
+    launches = before["counts_per_step"][0]["launches"]
+    assert launches == 11       # LeNet-5's Numba launches (its other 18 are GEMMs and ElementwiseKernels)
+    for c in before["counts_per_step"]:     # every launch configured, every array argument converted
+        assert c["launches"] == c["configured"] == launches and c["wrapped"] == 0, c
+        assert c["converted"] == before["counts_per_step"][0]["converted"] > launches, c
+    first, second, steady = after["counts_per_step"]
+    assert first["configured"] > 0 and second["configured"] == 0 and second["wrapped"] > 0, after
+    assert steady == {"launches": launches, "configured": 0, "wrapped": 0, "converted": 2}, steady  # batch, labels
+    assert len(after["host_us_per_launch"]) == 2 and run["ratio_host_per_launch"] > 0
+
+
 # ------------------------------------------------------------------------------------------ the check helpers
 
 def test_rel_error_is_relative_to_the_largest_reference_magnitude():

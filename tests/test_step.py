@@ -293,6 +293,9 @@ class _Frames:
     def count_alloc(self, family, nbytes):
         pass
 
+    def count_host(self, kind):
+        pass
+
     def count_launch(self, family, kind):
         f = sys._getframe(1)
         while f is not None and f.f_globals.get("__name__", "").startswith(self.HELPERS):

@@ -167,7 +167,11 @@ def reduction_grid(per_segment: int, segments: int, cap: int = 256, size: int | 
     return threads, split(per_segment, segments, threads, size)
 
 
-_tickets = {}       # device -> int32 counters, every one zero between launches
+class _Tickets(dict):
+    """device -> int32 counters, every one zero between launches (a dict that can own a launch binding)."""
+
+
+_tickets = _Tickets()
 _retired = []       # outgrown ticket arrays: a captured graph may still use them, so they are never freed
 
 
@@ -183,6 +187,7 @@ def tickets(n: int, like):
         a = backend.persistent_empty((max(4096, 2 * n),), np.int32, like)
         a.fill(0)                   # CuPy: a memset
         _tickets[key] = a
+        backend.bind(_tickets, *_tickets.values())    # launches wrap the views they use once (gpucnn.launch.bind)
     return a[:n]                    # a launch's arrays are only what it uses (the fill rule measures its largest)
 
 
