@@ -2,7 +2,8 @@
 
 :data:`SCENARIOS` are the runs: the shipped models' training steps, predict, evaluate and fit at real sizes (the
 grouped AlexNets too), and the paths they do not take (the plain data-movement kernels, BatchNorm with MSE, a batch
-of 10,000 rows, a CORAL head at LeNet-5's size and through fit at AlexNet's, examples/conv_autoencoder.py's nets).
+of 10,000 rows, a CORAL head at LeNet-5's size, AlexNet through fit (softmax, and a CORAL head),
+examples/conv_autoencoder.py's nets).
 :func:`record` runs them on "sim" inside gpucnn.profile.shapes_only(cuda_shapes=True), so nothing is computed and
 every grid is the one "cuda" would launch; tests/test_launch_resources.py checks those grids against the registers
 of a real GPU and against the fill rule.
@@ -138,19 +139,24 @@ def _conv_autoencoder():
     opt.step()
 
 
-def _fit_coral_alexnet():
-    """AlexNet with its 1,000 outputs read as ordered ranks (a CoralHead(4096, 1000): 999 tasks) trained by fit on
-    CoralLoss at batch 128 (two steps, each tallied), validated by evaluate on 100 images (the loss, the scores)."""
-    import numpy as np
-    from . import layers as L, models
-    from .losses import CoralLoss
-    from .model import Sequential
-    r = np.random.default_rng(0)
-    trunk = models.alexnet(seed=0, init="zeros").layers[:-1]
-    model = Sequential(trunk + [L.CoralHead(4096, 1000, rng=r)], input_shape=(3, 224, 224))
-    x = r.integers(0, 256, (256, 3, 224, 224), dtype=np.uint8)
-    y = r.integers(0, 1000, 256)
-    model.fit((x, y), epochs=1, batch_size=128, loss=CoralLoss(), validation=(x[:100], y[:100]), verbose=0)
+def _fit_alexnet(coral: bool):
+    """AlexNet trained by fit at batch 128 on 256 images (two steps, each tallied) and validated by evaluate on 100
+    (the loss, the scores): on SoftmaxCrossEntropy over its 1,000 classes, or (``coral``) with its 1,000 outputs read
+    as ordered ranks (a CoralHead(4096, 1000): 999 tasks) on CoralLoss."""
+    def run():
+        import numpy as np
+        from . import layers as L, models
+        from .losses import CoralLoss, SoftmaxCrossEntropy
+        from .model import Sequential
+        r = np.random.default_rng(0)
+        model = models.alexnet(seed=0, init="zeros")
+        if coral:
+            model = Sequential(model.layers[:-1] + [L.CoralHead(4096, 1000, rng=r)], input_shape=model.input_shape)
+        x = r.integers(0, 256, (256, 3, 224, 224), dtype=np.uint8)
+        y = r.integers(0, 1000, 256)
+        model.fit((x, y), epochs=1, batch_size=128, loss=CoralLoss() if coral else SoftmaxCrossEntropy(),
+                  validation=(x[:100], y[:100]), verbose=0)
+    return run
 
 
 # label -> a function that runs it (on "sim", inside shapes_only(cuda_shapes=True) and record_launches()).
@@ -176,7 +182,8 @@ SCENARIOS = {
     "dense, batch 10000": _big_batch,
     "coral head and loss, batch 256": _coral,
     "conv autoencoder, batch 64": _conv_autoencoder,
-    "alexnet coral head fit and evaluate, batch 128": _fit_coral_alexnet,
+    "alexnet coral head fit and evaluate, batch 128": _fit_alexnet(coral=True),
+    "alexnet fit and evaluate, batch 128": _fit_alexnet(coral=False),
 }
 
 

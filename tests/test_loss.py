@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from gpucnn import backend
-from gpucnn.kernels import loss as K
+from gpucnn.kernels import loss as K, reduce
 from gpucnn.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy, check_finite
 from gpucnn.testing import check_backward
 from conftest import assert_close
@@ -233,30 +233,77 @@ def test_sim_xent_matches_cpu(shape, dtype, rng):
 def test_sim_xent_wide_rows_and_many_blocks(shape, dtype, rng):
     """Rows of 40 and 100 classes take several lanes and two column chunks each (a unit's max and sum are trees in
     shared memory); 33 rows take 17 blocks whose row losses the last block adds (gpucnn.kernels.reduce)."""
-    group, _, chunks, blocks = K._row_grid(*shape, True)
+    group, _, chunks, blocks = K._row_grid(*shape)
     assert (group > 1 or blocks > 1) and chunks == 2, (group, chunks, blocks)
     z = (rng.standard_normal(shape) * 3).astype(dtype)
     _xent_sim_vs_cpu(z, rng.integers(0, shape[1], shape[0]), dtype)
 
 
-@pytest.mark.sim
-def test_sim_tally_matches_cpu(rng):
-    """The argmax of a row spread over lanes (a tree: the larger value, a NaN first, the first column on a tie) and
-    the hits and bad labels summed over blocks give the CPU's counts."""
-    z = rng.standard_normal((9, 40))
-    z[1, [3, 30]] = 9.0                     # a tie between lanes: the first column wins (label 3 hits)
-    z[2, [5, 20]] = np.nan                  # NaNs: the first one is the argmax (label 5 hits)
+def argmax_ref(z):
+    """NumPy's argmax written out row by row: the first NaN of a row, else the first column holding its largest value."""
+    return np.array([np.flatnonzero(np.isnan(r))[0] if np.isnan(r).any() else np.flatnonzero(r == r.max())[0]
+                     for r in z])
+
+
+def tally_case(rng, n, c, dtype="float64"):
+    """Logits (n, c) with a tie, two NaNs and a row of -inf, each across the two halves of a row (two column chunks on
+    "sim"), a row whose maximum is in its last columns, and labels (int64) with hits, misses and bad labels both
+    ways; and the counts from the definition: [rows whose argmax is the label, labels outside [0, c)]."""
+    z = rng.standard_normal((n, c)).astype(dtype)
+    z[0, c - 1] = 9.0                       # the largest in the last chunk
+    z[1, [c // 5, c - 2]] = 9.0             # a tie: the first column
+    z[2, [c // 4, c - 1]] = np.nan          # NaNs: the first one
     z[3] = -np.inf                          # all equal: column 0
-    y = z.argmax(axis=1)
-    y[[1, 2, 3]] = [3, 5, 0]
-    y[[6, 7]] = (y[[6, 7]] + 1) % 40         # misses
-    y[8] = 40                               # a bad label
-    assert K._row_grid(9, 40, False)[0] > 1
-    got, ref = np.zeros(3), np.zeros(3)
-    K.tally(np.float64(0.5), z, y, got)
-    with backend.cpu_path():
-        K.tally(np.float64(0.5), z, y, ref)
-    assert got.tolist() == ref.tolist() == [4.5, 6.0, 1.0]
+    top = argmax_ref(z)
+    y = top.copy()
+    y[4] = (y[4] + 1) % c                   # a miss
+    y[5], y[6] = -1, c                      # bad labels
+    y[7:] = rng.integers(0, c, n - 7)
+    ok = (y >= 0) & (y < c)
+    hits, bad = int((ok & (top == y)).sum()), int((~ok).sum())
+    assert hits >= 4 and hits < n - 2 and bad == 2
+    return z, y, [hits, bad]
+
+
+DEVICES = ["cpu", pytest.param("sim", marks=pytest.mark.sim)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(9, 40), (7, 100), (33, 5)])
+def test_tally_counts_against_the_definition(device, shape, dtype, rng):
+    """fit's running sums: loss * N, the rows whose argmax (NumPy's: a NaN first, the first column on a tie) is the
+    label, the labels outside [0, C), added to acc on every call, the same bits each time, int32 labels too. On
+    "sim" each row is split into two column chunks: 40 columns take units of 2 lanes, two to a block, 100 take
+    one unit of 4 lanes a block (a row in two blocks, joined by the block that finishes it last), 5 one lane."""
+    z, y, (hits, bad) = tally_case(rng, *shape, dtype)
+    if device == "sim":
+        group, threads, chunks, _ = K._row_grid(*shape)
+        assert chunks == 2 and threads // group == {40: 2, 100: 1, 5: 4}[shape[1]], (group, threads, chunks)
+    value = np.asarray(np.float32(rng.uniform(0.5, 2)))
+    for labels in (y, y.astype(np.int32)):
+        acc = np.zeros(3)
+        K.tally(value, z, labels, acc)
+        once = acc.copy()
+        K.tally(value, z, labels, acc)
+        assert once.tolist() == [float(value) * shape[0], hits, bad]
+        assert acc.tolist() == [2 * float(value) * shape[0], 2 * hits, 2 * bad]
+        if device == "sim":
+            assert not reduce.tickets(64, z).any()          # every ticket back at zero for the next launch
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("group, threads, chunks", [(1, 4, 1), (4, 4, 3), (2, 8, 3), (2, 4, 7), (8, 16, 4)])
+def test_sim_tally_over_any_grid(group, threads, chunks, rng):
+    """_tally_kernel on the grids "cuda" makes, run on the simulator: one chunk a row (LeNet's), a row over three
+    blocks of one unit each (AlexNet's 1,000 classes at batch 128), units of 2 lanes four to a block in 3 chunks,
+    7 chunks of 5 columns of 30 (the last empty), a last row block half full: the definition's counts, twice."""
+    z, y, (hits, bad) = tally_case(rng, 11, 30)
+    acc = np.zeros(3)
+    for k in (1, 2):
+        K._tally_launch(np.asarray(0.25), z, y, acc, group, threads, chunks)
+        assert acc.tolist() == [k * 0.25 * 11, k * hits, k * bad]
+        assert not reduce.tickets(64, z).any()
 
 
 @pytest.mark.sim
@@ -264,7 +311,6 @@ def test_sim_tally_matches_cpu(rng):
 def test_sim_sum_over_any_number_of_blocks(chunks, threads, rng):
     """_sum_kernel over blocks of unequal chunks (37 values in 5 chunks of 8: the last has 5; in 3 chunks of 13)
     equals the float64 sum, and every ticket is back at zero for the next launch."""
-    from gpucnn.kernels import reduce
     v = rng.standard_normal(37)
     out = np.zeros(1)
     for _ in range(2):

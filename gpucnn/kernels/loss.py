@@ -30,7 +30,7 @@ from ..backend import cuda, gpu_device, gpu_kernel, on_gpu, to_numpy, xp
 from ..elementwise import ElementwiseKernel
 from .pool import max_wins
 from .reduce import (LARGE, MAX_PER_THREAD, MIN_BLOCKS, block_reduce, filling_threads, grid_sums, grid_total,
-                     launch_reduction, reduction_grid)
+                     last_to_arrive, launch_reduction, reduction_grid)
 
 # ---------------------------------------------------------------------------- label checks
 
@@ -70,8 +70,8 @@ def check_labels(y, num_classes: int, where: str, n: int | None = None):
 
 # ---------------------------------------------------------------------------- GPU: Numba kernels
 # A row kernel gives each row (or each (row, column chunk)) a unit of ``group`` threads, its lanes: a narrow row
-# (LeNet's 10 classes) is one thread's, a wide one (AlexNet's 1,000) is spread over lanes and, for the softmax,
-# over column chunks in other blocks, so that a large batch fills the GPU (_row_grid). Lane l of unit u is
+# (LeNet's 10 classes) is one thread's, a wide one (AlexNet's 1,000) is spread over lanes and over column chunks
+# in other blocks, so that a large batch fills the GPU (_row_grid). Lane l of unit u is
 # thread l * units + u of its block: a unit's lanes reduce with reduce.block_reduce(width=units).
 
 _PER_LANE = 16          # columns a lane takes at least before a row gets more lanes
@@ -138,24 +138,39 @@ def _softmax_kernel(logits, labels, out, value, partials, tickets, with_loss, gr
             value[0] = part[0] * inv_n
 
 
+@gpu_device
+def _argmax_wins(v, k, best, arg, n_classes):
+    """Whether column k (value v) takes a row's argmax from column arg (value best), as NumPy's argmax: the larger
+    value, a NaN first, the first column on a tie. Column n_classes stands for none: it never wins, and loses."""
+    return k < n_classes and (arg == n_classes or max_wins(v, best) or
+                              ((v == best or (v != v and best != best)) and k < arg))
+
+
 @gpu_kernel
-def _tally_kernel(value, logits, labels, acc, partials, tickets, group, weight):
+def _tally_kernel(value, logits, labels, acc, rowpart, partials, tickets, group, chunks, weight):
     """acc[0] += weight * value[0], acc[1] += the number of rows whose largest logit (the first, as argmax) is at the
     label, acc[2] += the labels outside [0, classes): the running sums fit keeps on the device (float64 acc). The
-    last is the device flag a replayed step raises on when fit reads the sums back. A unit of ``group`` lanes a
-    row finds its argmax (a tree: the larger value, a NaN first as NumPy's argmax, the first column on a tie);
-    the hits and the bad labels are two reduce.grid_sums."""
-    t, threads, units, u, lane, row = _unit(group)
+    last is the device flag a replayed step raises on when fit reads the sums back. Block (b, c) takes the rows of
+    row block b (a unit of ``group`` lanes each) in their column chunk c of ``chunks``: a tree gives each row's
+    argmax in the chunk, kept in rowpart (2, N, chunks); the block that finishes row block b last
+    (reduce.last_to_arrive, ticket 2 + b; every block with one chunk) picks each row's argmax over its chunks and
+    reads its label, so a wide row is spread over blocks. The hits and the bad labels are two reduce.grid_sums
+    (tickets 0 and 1)."""
+    t, threads, units, u, lane, _ = _unit(group)
     n_rows, n_classes = logits.shape
+    rows = cuda.blockIdx.x // chunks
+    chunk = cuda.blockIdx.x - rows * chunks
+    row = rows * units + u
     part = cuda.shared.array(0, dtype=partials.dtype)      # float64: 2 * threads
     best = part[:threads]
     arg = part[threads:]
     b = 0.0
     a = n_classes                                           # no column yet: loses to any
     if row < n_rows:
-        for k in range(lane, n_classes, group):
+        width = (n_classes + chunks - 1) // chunks
+        for k in range(chunk * width + lane, min(chunk * width + width, n_classes), group):
             v = logits[row, k]
-            if a == n_classes or max_wins(v, b):
+            if _argmax_wins(v, k, b, a, n_classes):
                 b = v
                 a = k
     best[t] = b
@@ -163,27 +178,34 @@ def _tally_kernel(value, logits, labels, acc, partials, tickets, group, weight):
     half = threads // 2
     while half >= units:
         cuda.syncthreads()
-        if t < half:
-            b, a = best[t + half], arg[t + half]
-            if a < n_classes and (arg[t] == n_classes or max_wins(b, best[t]) or
-                                  ((b == best[t] or (b != b and best[t] != best[t])) and a < arg[t])):
-                best[t] = b
-                arg[t] = a
+        if t < half and _argmax_wins(best[t + half], arg[t + half], best[t], arg[t], n_classes):
+            best[t] = best[t + half]
+            arg[t] = arg[t + half]
         half //= 2
     cuda.syncthreads()
+    if t < units and row < n_rows:
+        rowpart[0, row, chunk] = best[t]
+        rowpart[1, row, chunk] = arg[t]
     hit = 0.0
     bad = 0.0
-    if row < n_rows and lane == 0:
+    last = chunks == 1 or last_to_arrive(part, t, tickets, 2 + rows, chunks)       # (chunks is the grid's)
+    if last and t < units and row < n_rows:
+        rb = 0.0
+        ra = float(n_classes)
+        for j in range(chunks):             # the chunks in column order: the first maximum stays
+            if _argmax_wins(rowpart[0, row, j], rowpart[1, row, j], rb, ra, n_classes):
+                rb = rowpart[0, row, j]
+                ra = rowpart[1, row, j]
         y = labels[row]
         if y < 0 or y >= n_classes:
             bad = 1.0
-        elif arg[t] == y:
+        elif ra == y:
             hit = 1.0
-    cuda.syncthreads()          # the argmax is read before its memory holds the sums
+    cuda.syncthreads()          # every thread has read last_to_arrive's flag in part[0] before it holds the sums
     best[t] = hit
     arg[t] = bad
     if grid_sums(best, t, threads, 1, partials, tickets, 0, cuda.blockIdx.x, cuda.gridDim.x) and t == 0:
-        acc[0] += weight * value[0]
+        acc[0] += weight * float(value[0])      # in double (the simulator too: NumPy would multiply in float32)
         acc[1] += best[0]
     if grid_sums(arg, t, threads, 1, partials, tickets, 1, cuda.blockIdx.x, cuda.gridDim.x) and t == 0:
         acc[2] += arg[0]
@@ -199,15 +221,16 @@ def _sum_kernel(values, out, partials, tickets, scale):
         out[0] = part[0] * scale
 
 
-def _row_grid(n_rows: int, n_classes: int, split_columns: bool):
+def _row_grid(n_rows: int, n_classes: int):
     """(group, threads, chunks, blocks) of a row kernel over (n_rows, n_classes): lanes a row (a power of two, each
-    with _PER_LANE columns at least), blocks of 64 threads, and (``split_columns``) column chunks that keep a
-    lane's columns under reduce.MAX_PER_THREAD; a large launch gets smaller blocks and more chunks until it has
-    reduce.MIN_BLOCKS blocks. On "sim" blocks of 4 threads and 2 chunks where a row has the columns."""
+    with _PER_LANE columns at least), blocks of 64 threads, and column chunks that keep a lane's columns under
+    reduce.MAX_PER_THREAD; a large launch gets smaller blocks and more chunks until it has reduce.MIN_BLOCKS
+    blocks (``blocks`` as _softmax_kernel lays them out). On "sim" blocks of 4 threads and 2 chunks where a row has
+    the columns."""
     group = 1
     while group < _MAX_GROUP and 2 * group * _PER_LANE <= n_classes:
         group *= 2
-    most = -(-n_classes // group) if split_columns else 1           # chunks that leave every lane a column
+    most = -(-n_classes // group)           # chunks that leave every lane a column
     if backend.sim_sized():
         threads, chunks = max(group, 4), min(2, most)
     else:
@@ -221,9 +244,21 @@ def _row_grid(n_rows: int, n_classes: int, split_columns: bool):
 def _softmax_launch(logits, labels, out, value, with_loss):
     """Launch _softmax_kernel over logits (N, C) (see it); labels and value unused without the loss."""
     n, c = logits.shape
-    group, threads, chunks, blocks = _row_grid(n, c, True)
+    group, threads, chunks, blocks = _row_grid(n, c)
     launch_reduction(_softmax_kernel, (logits, labels, out, value), (with_loss, group, chunks, 1.0 / n),
                      (1, blocks, np.float64), 1, logits, threads, blocks, threads * 8)
+
+
+def _tally_launch(value, logits, labels, acc, group, threads, chunks):
+    """Launch _tally_kernel over logits (N, C) (see it): rows in units of ``group`` lanes, ``threads`` a block, each
+    row's columns in ``chunks`` chunks; the chunks' argmaxes in a (2, N, chunks) buffer from the step's workspace."""
+    n = logits.shape[0]
+    row_blocks = -(-n // (threads // group))
+    rowpart = backend.empty((2, n, chunks), np.float64, logits)
+    launch_reduction(_tally_kernel, (value.reshape(1), logits, labels, acc, rowpart), (group, chunks, float(n)),
+                     (2, row_blocks * chunks, np.float64), 2 + (row_blocks if chunks > 1 else 0), logits, threads,
+                     row_blocks * chunks, 2 * threads * 8)
+    backend.release(rowpart)
 
 
 def _mean_on_device(values, n: int):
@@ -331,9 +366,8 @@ def tally(value, logits, labels, acc):
     """
     n, c = logits.shape
     if on_gpu(logits):
-        group, threads, _, blocks = _row_grid(n, c, False)
-        launch_reduction(_tally_kernel, (value.reshape(1), logits, labels, acc), (group, float(n)),
-                         (2, blocks, np.float64), 2, logits, threads, blocks, 2 * threads * 8)
+        group, threads, chunks, _ = _row_grid(n, c)
+        _tally_launch(value, logits, labels, acc, group, threads, chunks)
         return acc
     bad = (labels < 0) | (labels >= c)
     acc[0] += float(value) * n
