@@ -74,8 +74,9 @@ def test_what_is_not_fused(rng):
     assert plan == [["Conv2D"], ["MyTanh"], ["MaxPool2D"], ["Dense"], ["LeakyReLU"], ["Dense", "ReLU"], ["ReLU"]]
 
 
-class Doubler(L.Layer):
-    """A user's head layer: 2x, and the activation it is given as an epilogue, computed here by NumPy."""
+class AbsorbingDoubler(L.Layer):
+    """A user's head layer: 2x, and the activation it is given as an epilogue, computed here by NumPy (a name of its
+    own: layer classes are registered by name, and tests/test_model.py has a Doubler)."""
 
     def absorbs(self, *epilogues):
         return [type(e) for e in epilogues] == [Act]
@@ -92,9 +93,9 @@ def test_the_planner_asks_the_layers(rng):
     """No type test decides a plan: a user's head that absorbs an activation (Layer.absorbs) is given the next
     layer's epilogue value (Layer.epilogue), and a fused pooling layer's own fields are left alone (its stage
     holds the switches)."""
-    model = Sequential([Doubler(), L.Tanh(), L.Conv2D(2, 3, 3, dtype="float64", rng=rng), L.ReLU(), L.MaxPool2D(2)],
-                       input_shape=(2, 6, 6))
-    assert [[type(l).__name__ for l in st.layers] for st in model.stages] == [["Doubler", "Tanh"],
+    model = Sequential([AbsorbingDoubler(), L.Tanh(), L.Conv2D(2, 3, 3, dtype="float64", rng=rng), L.ReLU(),
+                        L.MaxPool2D(2)], input_shape=(2, 6, 6))
+    assert [[type(l).__name__ for l in st.layers] for st in model.stages] == [["AbsorbingDoubler", "Tanh"],
                                                                               ["Conv2D", "ReLU", "MaxPool2D"]]
     assert model.stages[0].fused == {"activation": Act("tanh", 0.0)}
     assert model.stages[1].fused == {"activation": Act("relu", 0.0), "pool": Pool("max", (2, 2), (2, 2), (0, 0))}
