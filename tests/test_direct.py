@@ -132,7 +132,7 @@ def test_supports_and_errors(rng):
     with pytest.raises(ValueError, match=rf"Conv2D: algorithm 'direct' \(direct convolution\) computes {LIMITS}; "
                                          r"this layer has a 17x17 kernel with stride \(1, 1\): use algorithm 'gemm'"):
         L.Conv2D(1, 2, 17, algorithm="direct")
-    with pytest.raises(ValueError, match=rf"Conv2D: algorithm 'direct' .* a 3x3 kernel with stride \(1, 17\)"):
+    with pytest.raises(ValueError, match=r"Conv2D: algorithm 'direct' .* a 3x3 kernel with stride \(1, 17\)"):
         L.Conv2D(1, 2, 3, stride=(1, 17), algorithm="direct")
     with pytest.raises(ValueError, match=r"Conv2D: algorithm must be one of \('gemm', 'winograd', 'direct'\)"):
         L.Conv2D(1, 2, 3, algorithm="fft")
