@@ -177,10 +177,11 @@ def _child(checkout, device, out, only, folder=""):
                          f"{proc.stderr[-3000:]}")
 
 
-def _rel(a, b):
-    """max |a - b| / max |b| (the arrays in float64)."""
+def _diff(a, b):
+    """(max |a - b|, max |a - b| / max |b|), in float64."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0)) / max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+    d = float(np.max(np.abs(a - b), initial=0.0))
+    return d, d / max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
 
 
 def differences(mine, theirs):
@@ -198,8 +199,8 @@ def differences(mine, theirs):
             return len(keys), float("inf"), float("inf"), False
         same = same and a.tobytes() == b.tobytes()
         if a.dtype.kind == "f":
-            abs_d = max(abs_d, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
-            rel_d = max(rel_d, _rel(a, b))
+            d, r = _diff(a, b)
+            abs_d, rel_d = max(abs_d, d), max(rel_d, r)
     return len(keys), abs_d, rel_d, same
 
 
@@ -215,7 +216,7 @@ def adam_amplified(mine, theirs, tol):
         if "|grad " not in k:
             continue
         mine_g = mine[k].astype(np.float64)
-        if _rel(mine_g, g) > tol:
+        if _diff(mine_g, g)[1] > tol:
             return None
         g = g.astype(np.float64)
         small = np.maximum(np.abs(mine_g), np.abs(g)) <= NOISE * np.max(np.abs(g), initial=0.0)
@@ -251,7 +252,7 @@ def compare(rev, devices, only):
                     n, abs_d, rel_d, same = differences(pick(mine), pick(theirs))
                     tol = TOLERANCE["float64" if net.endswith("float64") else "float32"]
                     adam = adam_amplified(pick(mine), pick(theirs), tol) if rel_d > tol else None
-                    rows.append((net, device, n, abs_d, rel_d, same, adam))
+                    rows.append((net, device, n, abs_d, rel_d, same, tol, adam))
             folder = os.path.join(tmp, "checkpoints")
             os.makedirs(folder)
             _child(other, devices[0], "", "", "write:" + folder)
@@ -260,17 +261,17 @@ def compare(rev, devices, only):
             mine = dict(np.load(os.path.join(folder, "resumed-this.npz")))
             theirs = dict(np.load(os.path.join(folder, "resumed-rev.npz")))
             n, abs_d, rel_d, same = differences(mine, theirs)
-            rows.append((f"{rev}'s checkpoints loaded and resumed", devices[0], n, abs_d, rel_d, same, None))
+            rows.append((f"{rev}'s checkpoints loaded and resumed", devices[0], n, abs_d, rel_d, same,
+                         TOLERANCE["float32"], None))
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", other], capture_output=True)
     print(f"| net | device | arrays | max abs difference | max rel difference | identical to {rev} |")
     print("|---|---|---:|---:|---:|---|")
     reasons = {}
-    for net, device, n, abs_d, rel_d, same, adam in rows:
+    for net, device, n, abs_d, rel_d, same, tol, adam in rows:
         verdict = "yes"
         if not same:
             why = [(i, text) for i, (key, devices, text) in enumerate(EXPLAINED) if key in net and device in devices]
-            tol = TOLERANCE["float64" if net.endswith("float64") else "float32"]
             if why and rel_d <= tol:
                 verdict = f"no, explained ({', '.join(f'[{i + 1}]' for i, _ in why)}; rel <= {tol:g})"
                 reasons.update(why)
